@@ -1,0 +1,6 @@
+"""CIFAR-10 ResNet-44 (Table 6), the paper's recipe (Sec. 4.2)."""
+from resnet_jax import config_base
+
+
+def get_config():
+  return config_base.cifar(44)

@@ -1,0 +1,238 @@
+"""The networks of He et al., "Deep Residual Learning for Image Recognition" (CVPR 2016), in Flax Linen.
+
+One `ResNet` class serves every network of the paper: CIFAR (depth 6n+2) and ImageNet (18-152) families,
+residual and plain, shortcut options A/B/C, and both bottleneck stride placements. Layers are passed to the blocks
+as partials, so a block never hard-codes a norm, a dtype or an initialiser.
+
+Parameter names are stable and explicit, because checkpoints and the torchvision converter match on them:
+  stem_conv, stem_bn                            first layer
+  stage{S}_block{B}/conv{i}, bn{i}              i = 1, 2 (basic) or 1, 2, 3 (bottleneck)
+  stage{S}_block{B}/proj_conv, proj_bn          projection shortcut (options B and C)
+  head                                          the final fully connected layer
+Stages are numbered from 1 (CIFAR: 3 stages on 32/16/8 maps; ImageNet: 4 stages, the paper's conv2_x..conv5_x).
+
+The output of every 3x3 conv after its BN (before the addition and the ReLU) is sown into the `intermediates`
+collection as `bn_3x3` (the paper's Fig. 7 analysis); nothing is stored unless that collection is mutable.
+"""
+import functools
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from resnet_jax.batchnorm import BatchNorm
+
+ModuleDef = Any
+
+SHORTCUTS = ('A', 'B', 'C')
+BOTTLENECK_PLACEMENTS = ('v1', 'v1.5')
+FAMILIES = ('cifar', 'imagenet')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Blocks per stage (Table 1) and whether the blocks are bottlenecks.
+IMAGENET_STAGES = {
+    18: ([2, 2, 2, 2], False),
+    34: ([3, 4, 6, 3], False),
+    50: ([3, 4, 6, 3], True),
+    101: ([3, 4, 23, 3], True),
+    152: ([3, 8, 36, 3], True),
+}
+CIFAR_FILTERS = (16, 32, 64)            # Sec. 4.2
+IMAGENET_FILTERS = (64, 128, 256, 512)  # Table 1; bottleneck outputs are 4x these
+
+# He et al. 2015 ("MSRA") initialisation, as the paper (Sec. 3.4): zero-mean Gaussian, std sqrt(2 / fan_in).
+he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+def _conv(conv: ModuleDef, filters: int, kernel: int, strides: int = 1, name: str | None = None):
+  """A conv with symmetric padding kernel // 2 (as Caffe and torchvision), so strided outputs align."""
+  pad = kernel // 2
+  return conv(filters, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)), name=name)
+
+
+class Shortcut(nn.Module):
+  """The shortcut of one block (Sec. 3.3). `option` is 'A', 'B' or 'C'.
+
+  A: identity; where the shape changes, subsample with stride and zero-pad the extra channels (no parameters).
+  B: 1x1 projection + BN where the shape changes, identity elsewhere.
+  C: 1x1 projection + BN on every shortcut.
+  """
+  out_channels: int
+  strides: int
+  option: str
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    changes = self.strides != 1 or x.shape[-1] != self.out_channels
+    if self.option == 'C' or (self.option == 'B' and changes):
+      y = _conv(self.conv, self.out_channels, 1, self.strides, name='proj_conv')(x)
+      return self.norm(name='proj_bn')(y)
+    if not changes:
+      return x
+    # Option A (and option B never reaches here with a shape change).
+    y = x[:, ::self.strides, ::self.strides, :]
+    extra = self.out_channels - x.shape[-1]
+    return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, extra)))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (Fig. 2 / Fig. 5 left). `shortcut=None` makes the plain block."""
+  filters: int
+  strides: int
+  shortcut: str | None
+  conv: ModuleDef
+  norm: ModuleDef
+  last_norm: ModuleDef
+  stride_on_3x3: bool = True  # unused; keeps one constructor for both block types
+
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = _conv(self.conv, self.filters, 3, self.strides, name='conv1')(x)
+    y = self.norm(name='bn1')(y)
+    self.sow('intermediates', 'bn_3x3', y)
+    y = nn.relu(y)
+    y = _conv(self.conv, self.filters, 3, 1, name='conv2')(y)
+    y = self.last_norm(name='bn2')(y)
+    self.sow('intermediates', 'bn_3x3', y)
+    if self.shortcut is not None:
+      y = y + Shortcut(self.filters, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+    return nn.relu(y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 restore (x4) (Fig. 5 right).
+
+  The paper (and its released Caffe models) puts the stride on the first 1x1 conv ('v1'); torchvision puts it on
+  the 3x3 conv ('v1.5', `stride_on_3x3=True`).
+  """
+  filters: int
+  strides: int
+  shortcut: str | None
+  conv: ModuleDef
+  norm: ModuleDef
+  last_norm: ModuleDef
+  stride_on_3x3: bool = False
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
+    y = _conv(self.conv, self.filters, 1, s1, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = _conv(self.conv, self.filters, 3, s3, name='conv2')(y)
+    y = self.norm(name='bn2')(y)
+    self.sow('intermediates', 'bn_3x3', y)
+    y = nn.relu(y)
+    y = _conv(self.conv, self.filters * 4, 1, 1, name='conv3')(y)
+    y = self.last_norm(name='bn3')(y)
+    if self.shortcut is not None:
+      y = y + Shortcut(self.filters * 4, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+    return nn.relu(y)
+
+
+class ResNet(nn.Module):
+  """A residual or plain network. `stem='cifar'`: one 3x3 conv; `stem='imagenet'`: 7x7/2 conv and 3x3/2 max pool.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    stage_filters: base filters per stage.
+    block_cls: BasicBlock or BottleneckBlock.
+    num_classes: outputs of the final fc layer.
+    stem: 'cifar' or 'imagenet'.
+    residual: False gives the plain network (the same stack with no shortcut at all).
+    shortcut: 'A', 'B' or 'C'.
+    stride_on_3x3: bottleneck stride placement ('v1.5' when True).
+    bn_group_size: examples per BatchNorm group in training (0 = the whole batch).
+    bn_momentum, bn_epsilon: BatchNorm moving-average decay and epsilon.
+    zero_init_last_bn: initialise the last BN scale of each block to zero (not in the paper; off by default).
+    dtype: compute dtype; parameters and BN statistics stay float32.
+  """
+  stage_sizes: Sequence[int]
+  stage_filters: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  stem: str = 'cifar'
+  residual: bool = True
+  shortcut: str = 'A'
+  stride_on_3x3: bool = False
+  bn_group_size: int = 0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  zero_init_last_bn: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal, dtype=self.dtype,
+                             param_dtype=jnp.float32)
+    norm = functools.partial(BatchNorm, use_running_average=not train, group_size=self.bn_group_size,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
+    last_norm = functools.partial(norm, scale_init=nn.initializers.zeros) if self.zero_init_last_bn else norm
+
+    x = x.astype(self.dtype)
+    if self.stem == 'cifar':
+      x = _conv(conv, self.stage_filters[0], 3, 1, name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+    else:
+      x = _conv(conv, 64, 7, 2, name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    for s, (blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
+      for b in range(blocks):
+        strides = 2 if (s > 0 and b == 0) else 1
+        x = self.block_cls(filters=filters, strides=strides, shortcut=self.shortcut if self.residual else None,
+                           conv=conv, norm=norm, last_norm=last_norm, stride_on_3x3=self.stride_on_3x3,
+                           name=f'stage{s + 1}_block{b + 1}')(x)
+
+    x = jnp.mean(x, axis=(1, 2))  # global average pooling
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
+    return x.astype(jnp.float32)
+
+
+def _choices_error(what: str, value, valid) -> ValueError:
+  return ValueError(f'Unknown {what} {value!r}; valid choices: {", ".join(map(str, valid))}.')
+
+
+def validate_model_config(model_config) -> None:
+  """Raises ValueError with the valid choices for an unknown family, depth, shortcut, bottleneck or dtype."""
+  family, depth = model_config.family, model_config.depth
+  if family not in FAMILIES:
+    raise _choices_error('model family', family, FAMILIES)
+  if family == 'cifar':
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+      raise ValueError(f'Unknown CIFAR depth {depth!r}: CIFAR nets have depth 6n+2 for n >= 1 '
+                       '(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202).')
+  elif depth not in IMAGENET_STAGES:
+    raise _choices_error('ImageNet depth', depth, sorted(IMAGENET_STAGES))
+  if model_config.shortcut not in SHORTCUTS:
+    raise _choices_error('shortcut option', model_config.shortcut, SHORTCUTS)
+  if model_config.bottleneck not in BOTTLENECK_PLACEMENTS:
+    raise _choices_error('bottleneck stride placement', model_config.bottleneck, BOTTLENECK_PLACEMENTS)
+  if model_config.dtype not in DTYPES:
+    raise _choices_error('dtype', model_config.dtype, DTYPES)
+
+
+def create_model(model_config, bn_group_size: int = 0, dtype: str | None = None) -> ResNet:
+  """Builds the network that `model_config` (the `config.model` section) names."""
+  validate_model_config(model_config)
+  family, depth = model_config.family, model_config.depth
+  if family == 'cifar':
+    n = (depth - 2) // 6
+    stage_sizes, filters, block, stem = [n] * 3, CIFAR_FILTERS, BasicBlock, 'cifar'
+  else:
+    stage_sizes, bottleneck = IMAGENET_STAGES[depth]
+    filters, stem = IMAGENET_FILTERS, 'imagenet'
+    block = BottleneckBlock if bottleneck else BasicBlock
+  return ResNet(
+      stage_sizes=stage_sizes, stage_filters=filters, block_cls=block, num_classes=model_config.num_classes,
+      stem=stem, residual=model_config.residual, shortcut=model_config.shortcut,
+      stride_on_3x3=model_config.bottleneck == 'v1.5', bn_group_size=bn_group_size,
+      bn_momentum=model_config.get('bn_momentum', 0.9), bn_epsilon=model_config.get('bn_epsilon', 1e-5),
+      zero_init_last_bn=model_config.get('zero_init_last_bn', False),
+      dtype=DTYPES[dtype or model_config.dtype])
