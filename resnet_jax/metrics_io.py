@@ -1,0 +1,87 @@
+"""Run outputs: WORKDIR/metrics.jsonl (one JSON object per line), TensorBoard events, a console progress line."""
+import json
+import os
+import time
+
+
+class MetricsWriter:
+  """Appends metrics lines; on resume, drops the lines written after the restored step (they will be redone)."""
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+    self.tb = None
+    if not enabled:
+      return
+    rows = [r for r in read_metrics(self.path) if r['step'] <= resume_step] if resume_step else []
+    with open(self.path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(self.path + '.tmp', self.path)
+    try:
+      from tensorboardX import SummaryWriter  # optional: pip install tensorboardX
+      self.tb = SummaryWriter(workdir)
+    except ImportError:
+      pass
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, float(v), int(step))
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: it is redone after the resume
+          break
+  return rows
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
+
+
+class Progress:
+  """One console line per log point: step, lr, loss, errors, speed and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+    self.total, self.start, self.t0, self.enabled = total_steps, start_step, time.time(), enabled
+
+  def line(self, step: int, m: dict) -> str:
+    parts = [f'step {step}/{self.total}']
+    if 'lr' in m:
+      parts.append(f'lr {m["lr"]:.4g}')
+    if 'train_loss' in m:
+      parts.append(f'loss {m["train_loss"]:.4f}')
+    for k, name in (('train_error', 'train err'), ('val_error', 'val err'), ('test_error', 'test err')):
+      if k in m:
+        parts.append(f'{name} {100 * m[k]:.2f}%')
+    if 'examples_per_sec' in m:
+      parts.append(f'{m["examples_per_sec"]:.0f} img/s')
+    done = step - self.start
+    if done > 0 and step < self.total:
+      parts.append(f'ETA {_fmt_time((time.time() - self.t0) / done * (self.total - step))}')
+    return ' | '.join(parts)
+
+  def print(self, step: int, m: dict) -> None:
+    if self.enabled:
+      print(self.line(step, m), flush=True)

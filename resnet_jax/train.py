@@ -1,0 +1,212 @@
+"""Training and evaluation: pure functions over an explicit `TrainState`, and the loop that drives them.
+
+How a batch flows: the whole training set sits on the devices as uint8 (replicated); each step computes its
+epoch's permutation from (seed, epoch), gathers its 128 indices, augments on device (augment.py) and constrains
+the batch to be sharded over the mesh's 'data' axis. The state is replicated; `jax.jit` over the mesh makes the
+compiler insert the gradient all-reduce. BatchNorm statistics are grouped by `config.bn_group_size` (batchnorm.py).
+"""
+import functools
+import time
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax import augment, models
+
+DATA_AXIS = 'data'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  warmup_done: jax.Array   # ResNet-110/1202: has the lr returned from the warm-up value (Sec. 4.2)?
+  error_ema: jax.Array     # moving average of the batch training error that decides the warm-up
+  train_sums: Any          # loss and error sums since the last log point (checkpointed: windows survive a resume)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation of the run's shape against the hardware.
+
+def validate(config, num_devices: int) -> None:
+  """Raises ValueError with what to change when the batch, groups or steps do not fit."""
+  b, g = config.batch_size, config.bn_group_size
+  for name in ('batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+               'eval_batch_size'):
+    if config[name] <= 0:
+      raise ValueError(f'config.{name}={config[name]} must be positive.')
+  if config.learning_rate <= 0:
+    raise ValueError(f'config.learning_rate={config.learning_rate} must be positive.')
+  if b % num_devices:
+    raise ValueError(f'config.batch_size={b} is not divisible by the {num_devices} devices; use a multiple of '
+                     f'{num_devices} (e.g. {num_devices * max(1, round(b / num_devices))}).')
+  if config.eval_batch_size % num_devices:
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} '
+                     'devices.')
+  if g < 0 or g > b:
+    raise ValueError(f'config.bn_group_size={g} must be between 0 (whole batch) and config.batch_size={b}.')
+  if g and b % g:
+    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}.')
+  per_device = b // num_devices
+  if g and per_device % g and g % per_device:
+    raise ValueError(f'config.bn_group_size={g} neither divides nor is a multiple of the {per_device} examples '
+                     f'per device ({b} over {num_devices} devices): a group would straddle devices unevenly.')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipe pieces: optimiser and learning rate.
+
+def weight_decay_mask(params, which: str):
+  if which == 'all':
+    return None
+  if which == 'kernels':
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
+  raise ValueError(f"Unknown config.weight_decay_on {which!r}; valid choices: all, kernels.")
+
+
+def make_optimizer(config, params) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay (PyTorch's form: v = m v + g + wd w; w -= lr v). The learning rate is
+  applied in the step, since the ResNet-110 warm-up makes it depend on the training error."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_on)),
+      optax.trace(decay=config.momentum, nesterov=False))
+
+
+def learning_rate(config, step, warmup_done):
+  """lr at `step`: config.learning_rate times lr_decay_factor per boundary passed; the warm-up lr until
+  `warmup_done` when config.warmup.enabled."""
+  passed = sum((step >= b).astype(jnp.int32) for b in config.lr_boundaries) if config.lr_boundaries else 0
+  lr = config.learning_rate * jnp.power(config.lr_decay_factor, passed)
+  if config.warmup.enabled:
+    lr = jnp.where(warmup_done, lr, config.warmup.learning_rate)
+  return jnp.asarray(lr, jnp.float32)
+
+
+def update_warmup(config, state_step, warmup_done, error_ema, batch_error):
+  """Ends the warm-up once the moving-average training error is below `until_error`, or at `max_steps` at the
+  latest, so the run can never stay at the warm-up learning rate."""
+  ema = config.warmup.ema * error_ema + (1 - config.warmup.ema) * batch_error
+  done = warmup_done | (ema < config.warmup.until_error) | (state_step + 1 >= config.warmup.max_steps)
+  return done, ema
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State and steps.
+
+def zero_sums():
+  return {'loss': jnp.zeros((), jnp.float32), 'errors': jnp.zeros((), jnp.float32),
+          'count': jnp.zeros((), jnp.float32), 'lr': jnp.zeros((), jnp.float32)}
+
+
+def init_state(config, model, image_shape, num_classes: int) -> TrainState:
+  variables = model.init(jax.random.key(config.seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+                         train=False)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=make_optimizer(config, params).init(params),
+                    warmup_done=jnp.asarray(not config.warmup.enabled),
+                    error_ema=jnp.asarray(1.0 - 1.0 / num_classes, jnp.float32), train_sums=zero_sums())
+
+
+def batch_indices(config, num_examples: int, step):
+  """The indices of `step`'s batch: epochs are reshuffled from the seed; the last partial batch of an epoch is
+  skipped (as a data loader with drop_last), so every batch has exactly config.batch_size examples."""
+  steps_per_epoch = num_examples // config.batch_size
+  epoch, within = step // steps_per_epoch, step % steps_per_epoch
+  data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+  return jax.lax.dynamic_slice_in_dim(perm, within * config.batch_size, config.batch_size)
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(config, model, mesh, state: TrainState, images, labels, mean):
+  """One SGD step on the batch of `state.step`. `images` (uint8) and `labels` are the whole training set."""
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  idx = jax.lax.with_sharding_constraint(batch_indices(config, images.shape[0], state.step), batch_sharding)
+  aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
+  x = augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip)
+  x = jax.lax.with_sharding_constraint(x, batch_sharding)
+  y = labels[idx]
+
+  def loss_fn(params):
+    logits, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+                                   mutable=['batch_stats'])
+    return cross_entropy(logits, y).mean(), (logits, new_vars['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = make_optimizer(config, state.params).update(grads, state.opt_state, state.params)
+  lr = learning_rate(config, state.step, state.warmup_done)
+  params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+
+  errors = jnp.sum(jnp.argmax(logits, -1) != y).astype(jnp.float32)
+  n = float(config.batch_size)
+  warmup_done, error_ema = update_warmup(config, state.step, state.warmup_done, state.error_ema, errors / n)
+  sums = state.train_sums
+  sums = {'loss': sums['loss'] + loss * n, 'errors': sums['errors'] + errors, 'count': sums['count'] + n,
+          'lr': lr}
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                    warmup_done=warmup_done, error_ema=error_ema, train_sums=sums)
+
+
+def make_train_step(config, model, mesh):
+  replicated = NamedSharding(mesh, P())
+  step = functools.partial(train_step, config, model, mesh)
+  return jax.jit(step, in_shardings=(replicated, replicated, replicated, replicated), out_shardings=replicated,
+                 donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact evaluation: the split is padded to whole batches and the padding masked, so every example counts once.
+
+def pad_to_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
+  """(N, ...) -> (ceil(N / batch), batch, ...) arrays plus a mask that is 1 on real examples."""
+  n = len(labels)
+  num_batches = -(-n // batch_size)
+  pad = num_batches * batch_size - n
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  shape = lambda a: a.reshape((num_batches, batch_size) + a.shape[1:])
+  return shape(images), shape(labels), shape(mask)
+
+
+def evaluate(model, state: TrainState, batches, mean):
+  """Sums of loss, errors and examples over a padded split, with the BN moving averages."""
+  images, labels, mask = batches
+
+  def one_batch(batch):
+    x, y, m = batch
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                         augment.normalize(x, mean), train=False)
+    return (jnp.sum(cross_entropy(logits, y) * m), jnp.sum((jnp.argmax(logits, -1) != y) * m), jnp.sum(m))
+
+  loss, errors, count = jax.lax.map(one_batch, (images, labels, mask))
+  return {'loss': loss.sum(), 'errors': errors.sum(), 'count': count.sum()}
+
+
+def make_eval_fn(model, mesh):
+  replicated = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P(None, DATA_AXIS))  # each batch sharded over the devices
+  return jax.jit(functools.partial(evaluate, model), in_shardings=(replicated, (split, split, split), replicated),
+                 out_shardings=replicated)
+
+
+def place_split(mesh, images, labels, batch_size):
+  split = NamedSharding(mesh, P(None, DATA_AXIS))
+  return tuple(jax.device_put(a, split) for a in pad_to_batches(images, labels, batch_size))
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices, (DATA_AXIS,))
