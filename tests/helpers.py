@@ -1,0 +1,44 @@
+"""Small configs and data for fast tests."""
+import numpy as np
+from PIL import Image
+
+from resnet_jax import config_base
+
+
+def tiny_config(**overrides):
+  """A ResNet-8 on the embedded digits at 8x8: a step takes milliseconds on the CPU."""
+  c = config_base.cifar(8)
+  c.data.dataset, c.data.source, c.data.image_size, c.data.pad = 'digits', 'embedded', 8, 1
+  c.data.random_flip = True
+  c.batch_size = 32
+  c.bn_group_size = 8
+  c.num_steps = 6
+  c.lr_boundaries = (4,)
+  c.log_every_steps = 3
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 3
+  c.eval_batch_size = 100
+  for k, v in overrides.items():
+    target = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = v
+  return c
+
+
+def write_image_folder(root, splits=('train', 'test'), classes=('cat', 'dog', 'frog'), per_class=4, size=32,
+                       seed=0):
+  """Writes random PNG/JPEG images in the DIR/<split>/<class>/ layout; returns the images written per split."""
+  rng = np.random.default_rng(seed)
+  written = {}
+  for split in splits:
+    for c in classes:
+      d = root / split / c
+      d.mkdir(parents=True, exist_ok=True)
+      for i in range(per_class):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        ext = 'png' if i % 2 == 0 else 'jpg'
+        Image.fromarray(img).save(d / f'{i}.{ext}')
+        written[(split, c, f'{i}.{ext}')] = img
+  return written

@@ -1,0 +1,175 @@
+"""The training step: device-count independence, BN groups, lr schedule, warm-up, augmentation, exact eval."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax import augment, data, models, train
+from helpers import tiny_config
+
+
+def _one_step(config, devices, steps=1):
+  mesh = train.make_mesh(devices)
+  ds = data.load(config.data)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  rep = NamedSharding(mesh, P())
+  state = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], 10), out_shardings=rep)()
+  args = [jax.device_put(a, rep) for a in (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))]
+  step = train.make_train_step(config, model, mesh)
+  for _ in range(steps):
+    state = step(state, *args)
+  return jax.device_get(state)
+
+
+def _assert_states_close(a, b, tol=1e-5):
+  np.testing.assert_allclose(a.train_sums['loss'], b.train_sums['loss'], rtol=tol, atol=tol)
+  for x, y in zip(jax.tree_util.tree_leaves((a.params, a.batch_stats)),
+                  jax.tree_util.tree_leaves((b.params, b.batch_stats))):
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('group', [8, 16])  # within one device's 8 examples, and spanning two devices
+def test_step_on_1_and_4_devices_is_the_same_for_the_same_bn_group_size(group):
+  assert len(jax.devices()) == 4
+  config = tiny_config(bn_group_size=group)
+  one, four = _one_step(config, jax.devices()[:1], 2), _one_step(config, jax.devices(), 2)
+  _assert_states_close(one, four)
+
+
+def test_whole_batch_bn_on_4_devices_equals_one_device():
+  config = tiny_config(bn_group_size=0)
+  _assert_states_close(_one_step(config, jax.devices()[:1]), _one_step(config, jax.devices()))
+
+
+def test_bn_group_size_changes_the_numerics():
+  """Groups of 8 and the whole batch are different computations: the equality tests above can fail."""
+  a = _one_step(tiny_config(bn_group_size=8), jax.devices()[:1])
+  b = _one_step(tiny_config(bn_group_size=0), jax.devices()[:1])
+  assert abs(float(a.train_sums['loss']) - float(b.train_sums['loss'])) > 1e-4
+
+
+def test_grouped_batchnorm_normalises_each_group_separately():
+  from resnet_jax.batchnorm import BatchNorm
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + jnp.arange(8.0)[:, None, None, None]
+  bn = BatchNorm(group_size=4)
+  variables = bn.init(jax.random.key(0), x)
+  y, state = bn.apply(variables, x, mutable=['batch_stats'])
+  for g in range(2):
+    grp = np.asarray(y[4 * g:4 * g + 4])
+    np.testing.assert_allclose(grp.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(grp.var(axis=(0, 1, 2)), 1, atol=1e-3)
+  group_means = np.asarray(x).reshape(2, 4, 4, 4, 3).mean(axis=(1, 2, 3)).mean(0)
+  np.testing.assert_allclose(state['batch_stats']['mean'], 0.1 * group_means, rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rate_schedule_at_and_around_boundaries():
+  c = tiny_config()
+  c.learning_rate, c.lr_boundaries = 0.1, (32_000, 48_000)
+  lr = lambda s: float(train.learning_rate(c, jnp.asarray(s), jnp.asarray(True)))
+  for s, expected in ((0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)):
+    assert lr(s) == pytest.approx(expected), s
+
+
+def test_warmup_holds_then_returns_to_full_lr():
+  c = tiny_config(lr_boundaries=())
+  c.warmup.enabled = True
+  assert float(train.learning_rate(c, jnp.asarray(10), jnp.asarray(False))) == pytest.approx(0.01)
+  assert float(train.learning_rate(c, jnp.asarray(10), jnp.asarray(True))) == pytest.approx(0.1)
+  done, ema = jnp.asarray(False), jnp.asarray(0.9)
+  history = []
+  for step, err in enumerate([0.9, 0.85, 0.5, 0.5, 0.5, 0.5, 0.9, 0.9]):
+    done, ema = train.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(err))
+    history.append(bool(done))
+  # A moving average, so one good batch is not enough; once done, it stays done even if the error rises again.
+  assert history[:3] == [False, False, False] and history[-1] and history.index(True) >= 3
+  assert all(history[history.index(True):])
+
+
+def test_warmup_cannot_last_forever():
+  c = tiny_config()
+  c.warmup.enabled, c.warmup.max_steps = True, 5
+  done, ema = jnp.asarray(False), jnp.asarray(0.9)
+  for step in range(5):
+    assert not bool(done)
+    done, ema = train.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(0.95))  # error never falls
+  assert bool(done)
+
+
+def test_warmup_switch_inside_the_real_step():
+  """ResNet-110 recipe on the digits: the step returns to lr 0.1 once the error falls, within a few dozen steps."""
+  c = tiny_config(num_steps=60, batch_size=64, lr_boundaries=())
+  c.warmup.enabled = True
+  mesh = train.make_mesh(jax.devices()[:1])
+  ds = data.load(c.data)
+  model = models.create_model(c.model, bn_group_size=c.bn_group_size)
+  state = train.init_state(c, model, ds.train_images.shape[1:], 10)
+  step = train.make_train_step(c, model, mesh)
+  args = (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))
+  lrs = []
+  for _ in range(60):
+    state = step(state, *args)
+    lrs.append(float(state.train_sums['lr']))
+  assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.1)
+  switch = next(i for i, lr in enumerate(lrs) if lr == pytest.approx(0.1))
+  assert all(lr == pytest.approx(0.01) for lr in lrs[:switch]) and 0 < switch < 60
+
+
+def test_random_crop_returns_windows_of_the_padded_image():
+  images = jax.random.uniform(jax.random.key(0), (16, 8, 8, 3)) + 1.0  # nonzero, so zero padding is visible
+  crops = np.asarray(augment.random_crop(jax.random.key(1), images, pad=2))
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  offsets = set()
+  for i in range(16):
+    matches = [(dy, dx) for dy in range(5) for dx in range(5)
+               if np.array_equal(crops[i], padded[i, dy:dy + 8, dx:dx + 8])]
+    assert len(matches) == 1, i
+    offsets.add(matches[0])
+  assert len(offsets) > 3  # offsets vary across examples
+
+
+def test_random_flip_flips_exactly_the_flipped_examples():
+  images = jax.random.uniform(jax.random.key(0), (64, 4, 4, 3))
+  out = np.asarray(augment.random_flip(jax.random.key(3), images))
+  flipped = [np.array_equal(out[i], np.asarray(images[i])[:, ::-1]) for i in range(64)]
+  kept = [np.array_equal(out[i], np.asarray(images[i])) for i in range(64)]
+  assert all(f != k for f, k in zip(flipped, kept))
+  assert 16 < sum(flipped) < 48
+
+
+def test_epochs_visit_every_example_once_and_reshuffle():
+  c = tiny_config(batch_size=10)
+  n = 50  # 5 steps per epoch
+  epoch0 = np.concatenate([np.asarray(train.batch_indices(c, n, jnp.asarray(s))) for s in range(5)])
+  epoch1 = np.concatenate([np.asarray(train.batch_indices(c, n, jnp.asarray(s))) for s in range(5, 10)])
+  assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))
+  assert not np.array_equal(epoch0, epoch1)
+
+
+def test_eval_counts_every_example():
+  """1,001 examples at batch 100: 11 batches, the last one with one real example, all 1,001 counted."""
+  mesh = train.make_mesh()
+  c = tiny_config()
+  model = models.create_model(c.model, bn_group_size=c.bn_group_size)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (1001, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (1001,), dtype=np.int32)
+  state = train.init_state(c, model, (8, 8, 3), 10)
+  mean = augment.pixel_mean(images)
+  sums = jax.device_get(train.make_eval_fn(model, mesh)(state, train.place_split(mesh, images, labels, 100), mean))
+  assert sums['count'] == 1001
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images - mean, train=False)
+  assert sums['errors'] == int(np.sum(np.argmax(logits, -1) != labels))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(batch_size=30), 'not divisible by the 4 devices'),
+    (dict(bn_group_size=64), 'must be between 0'),
+    (dict(bn_group_size=12), 'does not divide config.batch_size'),
+    (dict(batch_size=48, bn_group_size=16), 'neither divides nor is a multiple'),
+    (dict(num_steps=0), 'num_steps=0 must be positive'),
+    (dict(learning_rate=-0.1), 'learning_rate=-0.1 must be positive'),
+])
+def test_bad_run_shapes_are_refused_with_what_to_change(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.validate(tiny_config(**overrides), 4)

@@ -1,0 +1,165 @@
+"""End to end: the run, its outputs, resume, checkpoints, the CLI and its error messages."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint, data, metrics_io, trainer
+from helpers import tiny_config, write_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ('examples_per_sec',)
+
+
+def _rows(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def test_run_writes_metrics_config_plot_and_checkpoints(tmp_path):
+  last = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+  rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  assert [r['step'] for r in rows] == [3, 6]
+  for r in rows:
+    assert {'lr', 'train_loss', 'train_error', 'test_error', 'examples_per_sec'} <= set(r)
+    assert 0 <= r['train_error'] <= 1 and 0 <= r['test_error'] <= 1
+  assert rows[0]['lr'] == pytest.approx(0.1) and rows[1]['lr'] == pytest.approx(0.01)  # boundary at step 4
+  assert json.load(open(tmp_path / 'config.json'))['model']['depth'] == 8
+  assert (tmp_path / 'curves.png').stat().st_size > 1000
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [3, 6]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  assert last['step'] == 6
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+  full, part = tmp_path / 'full', tmp_path / 'part'
+  trainer.train_and_evaluate(tiny_config(), str(full))
+  trainer.train_and_evaluate(tiny_config(num_steps=3), str(part))   # stops at step 3 ...
+  with open(part / 'metrics.jsonl', 'a') as f:  # ... a line the killed run wrote after its last checkpoint
+    f.write('{"step": 5, "train_loss": 123.0}\n')
+  trainer.train_and_evaluate(tiny_config(), str(part))              # ... and resumes to step 6
+  assert _rows(full) == _rows(part)
+  a = checkpoint.Checkpointer(str(full)).manager.restore(6)
+  b = checkpoint.Checkpointer(str(part)).manager.restore(6)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoint_round_trips_the_whole_state(tmp_path):
+  from resnet_jax import models, train
+  c = tiny_config()
+  model = models.create_model(c.model, bn_group_size=c.bn_group_size)
+  state = train.init_state(c, model, (8, 8, 3), 10)
+  state = state.replace(step=state.step + 7, warmup_done=~state.warmup_done,
+                        params=jax.tree_util.tree_map(lambda p: p + 1.5, state.params),
+                        opt_state=jax.tree_util.tree_map(lambda p: p + 0.25, state.opt_state))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(state)
+  ckpt.wait()
+  fresh = train.init_state(c, model, (8, 8, 3), 10)
+  restored = ckpt.restore(fresh)
+  assert int(restored.step) == 7
+  flat_a, tree_a = jax.tree_util.tree_flatten(state)
+  flat_b, tree_b = jax.tree_util.tree_flatten(restored)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_resume_with_a_different_model_is_refused_naming_the_fields(tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path))
+  with pytest.raises(checkpoint.ConfigMismatchError, match=r'model\.depth.*8.*14') as e:
+    trainer.train_and_evaluate(tiny_config(**{'model.depth': 14, 'data.pad': 2}), str(tmp_path))
+  assert 'data.pad' in str(e.value) and '--force_resume' in str(e.value)
+  assert json.load(open(tmp_path / 'config.json'))['model']['depth'] == 8  # nothing overwritten
+
+
+def test_short_run_on_the_embedded_digits_drives_training_error_down(tmp_path):
+  c = tiny_config(num_steps=60, batch_size=64, log_every_steps=10, eval_every_steps=60,
+                  checkpoint_every_steps=60, lr_boundaries=(45,), bn_group_size=16)
+  c.data.image_size, c.data.pad = 16, 2
+  trainer.train_and_evaluate(c, str(tmp_path))
+  rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  # The first window is near chance (0.9); a broken step (no learning, wrong sign) stays there. The last window is
+  # a mean over 10 augmented batches at 2.5 epochs, so the bar is "halved and well below chance", not a tight number.
+  assert rows[0]['train_error'] > 0.5
+  assert rows[-1]['train_error'] < min(0.45, rows[0]['train_error'] / 2)
+  assert rows[-1]['test_error'] < 0.35
+
+
+def test_folder_source_decodes_images_and_labels(tmp_path):
+  written = write_image_folder(tmp_path, size=8)
+  ds = data.load_folder(str(tmp_path), image_size=8)
+  assert ds.class_names == ['cat', 'dog', 'frog']
+  assert ds.train_images.shape == (12, 8, 8, 3) and ds.train_images.dtype == np.uint8
+  assert list(ds.train_labels) == [0] * 4 + [1] * 4 + [2] * 4
+  # PNGs are lossless: the first image of 'dog' (label 1) is exactly what was written.
+  np.testing.assert_array_equal(ds.train_images[4], written[('train', 'dog', '0.png')])
+
+
+def test_folder_with_mismatched_classes_is_refused(tmp_path):
+  write_image_folder(tmp_path, splits=('train',), size=8)
+  write_image_folder(tmp_path, splits=('test',), classes=('cat', 'dog', 'horse'), size=8)
+  with pytest.raises(ValueError, match=r"missing \['frog'\], extra \['horse'\]"):
+    data.load_folder(str(tmp_path), image_size=8)
+
+
+def test_validation_split_is_held_out_of_training():
+  c = tiny_config()
+  c.data.val_examples = 300
+  ds = data.load(c.data)
+  assert len(ds.val_labels) == 300 and len(ds.train_labels) == 1500 - 300
+  train_set = {a.tobytes() for a in ds.train_images}
+  assert sum(a.tobytes() in train_set for a in ds.val_images) < 30  # digits has a few duplicate images
+
+
+def _main(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], capture_output=True, text=True,
+                        cwd=cwd, env=env, timeout=600)
+
+
+def test_main_trains_and_resumes_from_the_command_line(tmp_path):
+  args = ['--config=configs/digits.py', f'--workdir={tmp_path}', '--config.num_steps=4',
+          '--config.data.image_size=8', '--config.data.pad=1', '--config.model.depth=8', '--config.batch_size=32',
+          '--config.bn_group_size=16', '--config.log_every_steps=2', '--config.checkpoint_every_steps=2',
+          '--config.eval_every_steps=4']
+  out = _main(*args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'step 4/4' in out.stdout and 'test err' in out.stdout
+  again = _main(*args[:2], '--config.num_steps=6', *args[3:])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Resumed' in again.stdout and [r['step'] for r in _rows(tmp_path)] == [2, 4, 6]
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.data.source=folder', '--config.data.data_dir=/nonexistent'], 'Expected an image folder'),
+    (['--config.data.source=tfds'], 'tensorflow-datasets'),
+    (['--config.data.source=ftp'], 'valid choices: tfds, folder, embedded'),
+    (['--config.model.shortcut=D'], 'valid choices: A, B, C'),
+    (['--config.batch_size=33'], 'not divisible by the 2 devices'),
+])
+def test_main_answers_bad_input_with_one_clear_message(tmp_path, args, message):
+  if 'source=tfds' in args[0]:
+    try:
+      import tensorflow_datasets  # noqa: F401
+      pytest.skip('tensorflow-datasets is installed here: the missing-package message cannot be shown')
+    except ImportError:
+      pass
+  out = _main('--config=configs/digits.py', f'--workdir={tmp_path}', *args)
+  assert out.returncode != 0
+  assert message in out.stderr and 'Traceback' not in out.stderr, out.stderr[-2000:]
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  if os.geteuid() == 0:
+    target = '/proc/resnet_jax_workdir'  # not writable even for root
+  else:
+    (tmp_path / 'ro').mkdir(mode=0o500)
+    target = str(tmp_path / 'ro' / 'run')
+  out = _main('--config=configs/digits.py', f'--workdir={target}')
+  assert out.returncode != 0 and 'not writable' in out.stderr and 'Traceback' not in out.stderr
