@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, checkpoint, data, metrics_io, models, plotting, train
+from resnet_jax import augment, checkpoint, data, distributed, metrics_io, models, plotting, train
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,7 +42,7 @@ class _StopRequest:
 def _check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')  # one per process: they share the workdir
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -54,6 +54,12 @@ def _summarise(sums: dict, prefix: str) -> dict:
   sums = jax.device_get(sums)
   count = float(sums['count'])
   return {f'{prefix}_loss': float(sums['loss']) / count, f'{prefix}_error': float(sums['errors']) / count}
+
+
+def _place_split(mesh, images, labels, batch_size):
+  """An eval split as padded batches sharded over the devices; each process transfers only its own columns."""
+  split = NamedSharding(mesh, P(None, train.DATA_AXIS))
+  return tuple(distributed.shard_from_host(split, a) for a in train.pad_to_batches(images, labels, batch_size))
 
 
 def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
@@ -80,6 +86,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   if start_step and os.path.exists(config_path) and not force_resume:
     with open(config_path) as f:
       checkpoint.check_resume_config(json.load(f), config)
+  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
   if is_main:
     with open(config_path + '.tmp', 'w') as f:
       json.dump(checkpoint.config_to_dict(config), f, indent=2)
@@ -87,12 +94,11 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
 
   replicated = NamedSharding(mesh, P())
   mean = augment.pixel_mean(ds.train_images)
-  train_images, train_labels, mean_d = (jax.device_put(a, replicated) for a in
-                                        (ds.train_images, ds.train_labels, mean))
+  train_images, train_labels, mean_d = distributed.replicated(mesh, (ds.train_images, ds.train_labels, mean))
   eval_splits = {}
   for name, images, labels in (('val', ds.val_images, ds.val_labels), ('test', ds.test_images, ds.test_labels)):
     if images is not None:
-      eval_splits[name] = train.place_split(mesh, images, labels, config.eval_batch_size)
+      eval_splits[name] = _place_split(mesh, images, labels, config.eval_batch_size)
 
   state = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], ds.num_classes),
                   out_shardings=replicated)()
@@ -127,7 +133,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
         now = time.time()
         row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
         window_start, window_step = now, step
-        state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
+        state = state.replace(train_sums=distributed.replicated(mesh, train.zero_sums()))
         if not math.isfinite(row['train_loss']):
           ckpt.wait()
           good = ckpt.latest_step()

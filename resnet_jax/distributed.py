@@ -1,0 +1,159 @@
+"""Multi-host runs on JAX's own multi-controller runtime (`jax.distributed`); see docs/multihost.md.
+
+Every process runs the same program on its own devices; `jax.jit` over a `Mesh` of *all* processes' devices makes
+the compiler insert the cross-process collectives. What this module adds around that:
+
+  `initialize(...)`            starts the runtime when the environment or the flags say the run has several
+                               processes (TPU VM, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, explicit flags), and
+                               does nothing for a run alone.
+  `process_slice`, `global_array`
+                               build a global array from the rows this process owns
+                               (`jax.make_array_from_process_local_data`): each process feeds only its own shard.
+  `replicated`                 a host value every process holds, placed on every device of the mesh.
+  `barrier(name)`              all processes wait for each other (a no-op alone).
+  `is_main()`                  process 0: the one that writes metrics, logs, plots and config.json.
+  `preemption_reached(step)`   the step at which all processes agree to checkpoint and stop after a SIGTERM.
+"""
+import importlib.util
+import glob
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MODES = ('auto', 'on', 'off')
+
+
+def _slurm_tasks() -> int:
+  # The variables jax's own SLURM detection reads; one task alone is not a multi-process run.
+  needed = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+  return int(os.environ['SLURM_NTASKS']) if all(v in os.environ for v in needed) else 0
+
+
+def _on_cloud_tpu_vm() -> bool:
+  # A Cloud TPU VM has libtpu installed and TPU chips under /dev (accel* on v2-v4, vfio on v5 and later). jax then
+  # finds the slice's hosts from the metadata server; on a single-host slice it is a cluster of one process.
+  return importlib.util.find_spec('libtpu') is not None and bool(glob.glob('/dev/accel*') or
+                                                                  glob.glob('/dev/vfio/[0-9]*'))
+
+
+def detect(coordinator_address: str | None = None, num_processes: int | None = None) -> str | None:
+  """Why this process should start the distributed runtime, or None when it runs alone."""
+  if coordinator_address or (num_processes or 0) > 1:
+    return 'flags'
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    return 'JAX_COORDINATOR_ADDRESS'
+  if _slurm_tasks() > 1:
+    return 'SLURM'
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ and int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'Open MPI'
+  if _on_cloud_tpu_vm():
+    return 'Cloud TPU VM'
+  return None
+
+
+def initialize(mode: str = 'auto', coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, initialization_timeout: int = 300,
+               heartbeat_timeout: int = 100) -> bool:
+  """Starts `jax.distributed` when `mode` is 'on', or 'auto' and `detect` finds a cluster. Returns whether it did.
+
+  Call it before anything touches a device. Arguments left None are found by jax (TPU metadata, SLURM, Open MPI).
+  `heartbeat_timeout` bounds how long the others keep running after one process dies: they stop with an error
+  naming the lost process instead of waiting forever in a collective.
+  """
+  if mode not in MODES:
+    raise ValueError(f'Unknown --distributed={mode!r}; valid choices: {", ".join(MODES)}.')
+  if mode == 'off' or jax.distributed.is_initialized():
+    return False
+  if (coordinator_address is None) != (process_id is None) or (coordinator_address and not num_processes):
+    raise ValueError('Give --coordinator_address, --num_processes and --process_id together (e.g. '
+                     '--coordinator_address=10.0.0.1:12345 --num_processes=2 --process_id=0 on the first host), '
+                     'or none of them to let jax detect the cluster (TPU VM, SLURM, Open MPI).')
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f'--process_id={process_id} must be between 0 and --num_processes-1={num_processes - 1}.')
+  if mode == 'auto' and detect(coordinator_address, num_processes) is None:
+    return False
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
+  except (RuntimeError, ValueError) as e:  # jax's own error, with what we know about the setup
+    raise ValueError(
+        f'Could not start the distributed runtime (coordinator {coordinator_address or "auto-detected"}, '
+        f'{num_processes or "auto-detected"} processes, this one {process_id if process_id is not None else "?"}) '
+        f'within {initialization_timeout} s: {e}\nStart every process with the same --coordinator_address '
+        '(host:port of process 0, reachable from all hosts) and --num_processes, each with its own --process_id; '
+        'or pass --distributed=off for a run alone.') from e
+  return True
+
+
+def is_main() -> bool:
+  """Process 0 writes metrics, logs, plots and config.json; every process writes its part of checkpoints."""
+  return jax.process_index() == 0
+
+
+def describe() -> str:
+  return (f'process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of '
+          f'{jax.device_count()} devices here')
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (nothing to wait for alone)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def preemption_reached(step: int) -> bool:
+  """True at the step all processes agreed on after any of them got SIGTERM (jax's preemption sync service).
+  Must be called at every step by every process; always False alone."""
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+def process_slice(sharding, global_shape) -> tuple[slice, ...]:
+  """The block of a `global_shape` array whose shards live on this process's devices.
+
+  With a mesh in `jax.devices()` order each process's devices are consecutive along the data axis, so the block
+  is contiguous; a layout where it is not is refused rather than fed wrong rows.
+  """
+  index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+  block = []
+  for dim, size in enumerate(global_shape):
+    spans = sorted({(ix[dim].start or 0, size if ix[dim].stop is None else ix[dim].stop)
+                    for ix in index_map.values()})
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+      if start != stop:
+        raise ValueError(f'This process ({describe()}) owns non-contiguous rows {spans} of dimension {dim}; '
+                         'build the mesh from jax.devices() in order so each process holds one block.')
+    block.append(slice(spans[0][0], spans[-1][1]))
+  return tuple(block)
+
+
+def global_array(sharding, local_data, global_shape):
+  """The global array of `global_shape` whose block on this process is `local_data` (see `process_slice`).
+
+  For a streaming pipeline: each process reads its own examples, `local_data` is its share of the global batch,
+  and the global batch is the processes' blocks in process order. Alone, `local_data` is the whole array.
+  """
+  local_data = np.asarray(local_data)
+  expected = tuple(s.stop - s.start for s in process_slice(sharding, global_shape))
+  if local_data.shape != expected:
+    raise ValueError(f'This process ({describe()}) must feed a block of shape {expected} of the global '
+                     f'{tuple(global_shape)}, got {local_data.shape}.')
+  return jax.make_array_from_process_local_data(sharding, local_data, tuple(global_shape))
+
+
+def shard_from_host(sharding, host_array):
+  """`host_array`, held whole by every process, as a global array: each process transfers only its own block."""
+  host_array = np.asarray(host_array)
+  return global_array(sharding, host_array[process_slice(sharding, host_array.shape)], host_array.shape)
+
+
+def replicated(mesh, tree):
+  """A tree of host values, identical on every process, placed whole on every device of `mesh`."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(lambda a: shard_from_host(sharding, a), tree)
