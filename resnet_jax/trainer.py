@@ -24,6 +24,8 @@ class _StopRequest:
     self._old = {}
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self  # several processes: SIGTERM is jax's (see distributed.preemption_reached), Ctrl-C stops at once
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -124,6 +126,8 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
     while step < config.num_steps:
       state = step_fn(state, train_images, train_labels, mean_d)
       step += 1
+      if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
+        stop.signal = signal.SIGTERM
       final = step == config.num_steps
       row = {}
       if step % config.log_every_steps == 0 or final or stop.signal:
