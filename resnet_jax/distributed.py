@@ -9,7 +9,6 @@ the compiler insert the cross-process collectives. What this module adds around 
   `process_slice`, `global_array`
                                build a global array from the rows this process owns
                                (`jax.make_array_from_process_local_data`): each process feeds only its own shard.
-  `replicated`                 a host value every process holds, placed on every device of the mesh.
   `barrier(name)`              all processes wait for each other (a no-op alone).
   `is_main()`                  process 0: the one that writes metrics, logs, plots and config.json.
   `preemption_reached(step)`   the step at which all processes agree to checkpoint and stop after a SIGTERM.
@@ -20,7 +19,6 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 MODES = ('auto', 'on', 'off')
 
@@ -151,9 +149,3 @@ def shard_from_host(sharding, host_array):
   """`host_array`, held whole by every process, as a global array: each process transfers only its own block."""
   host_array = np.asarray(host_array)
   return global_array(sharding, host_array[process_slice(sharding, host_array.shape)], host_array.shape)
-
-
-def replicated(mesh, tree):
-  """A tree of host values, identical on every process, placed whole on every device of `mesh`."""
-  sharding = NamedSharding(mesh, P())
-  return jax.tree_util.tree_map(lambda a: shard_from_host(sharding, a), tree)

@@ -96,7 +96,8 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
 
   replicated = NamedSharding(mesh, P())
   mean = augment.pixel_mean(ds.train_images)
-  train_images, train_labels, mean_d = distributed.replicated(mesh, (ds.train_images, ds.train_labels, mean))
+  train_images, train_labels, mean_d = (jax.device_put(a, replicated) for a in
+                                        (ds.train_images, ds.train_labels, mean))
   eval_splits = {}
   for name, images, labels in (('val', ds.val_images, ds.val_labels), ('test', ds.test_images, ds.test_labels)):
     if images is not None:
@@ -116,7 +117,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   if is_main:
     print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
           f'({config.model.family}) on {len(ds.train_labels)} images of {config.data.dataset}, '
-          f'{num_devices} device(s) ({jax.devices()[0].platform}), batch {config.batch_size}, '
+          f'{num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), batch {config.batch_size}, '
           f'{config.num_steps} steps, workdir {workdir}', flush=True)
 
   last = {}
@@ -137,7 +138,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
         now = time.time()
         row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
         window_start, window_step = now, step
-        state = state.replace(train_sums=distributed.replicated(mesh, train.zero_sums()))
+        state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
         if not math.isfinite(row['train_loss']):
           ckpt.wait()
           good = ckpt.latest_step()

@@ -128,8 +128,10 @@ def test_two_processes_train_like_one_process_with_four_devices_and_resume(tmp_p
   one, two = _rows(str(tmp_path / 'one')), _rows(multi)
   assert [r['step'] for r in two] == [1, 2, 3, 4, 5, 6]  # each row once: only process 0 writes metrics
   assert [sorted(r) for r in one] == [sorted(r) for r in two]
+  worst = {}
   for a, b in zip(one, two):
     for k in a:
+      worst[k] = max(worst.get(k, 0.0), abs(a[k] - b[k]))
       if k.endswith('_error') or k == 'step':
         assert a[k] == b[k], (a, b)  # counts of errors: every test example counted once on 2 processes too
       else:
@@ -142,6 +144,11 @@ def test_two_processes_train_like_one_process_with_four_devices_and_resume(tmp_p
   assert len(leaves) > 20
   for x, y in leaves:
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+  worst['state (absolute)'] = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in leaves)
+  worst['state (relative)'] = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.maximum(np.abs(x), 1e-3)))
+                                  for x, y in leaves)
+  print(f'\nstopped by SIGTERM at step {stopped}; largest |1 process - 2 processes| per metric and over the state: '
+        + ', '.join(f'{k} {v:.2g}' for k, v in worst.items()))
   assert '6' in os.listdir(os.path.join(multi, 'checkpoints'))
 
 
@@ -162,6 +169,15 @@ def test_killing_one_process_stops_the_other_with_a_clear_message(tmp_path):
   assert ('a step with the other processes failed' in errs[1]
           or 'This most likely indicates that another task died' in errs[1]), errs[1][-3000:]
   assert time.time() - killed_at < 90
+  print(f'\nthe survivor exited {time.time() - killed_at:.1f} s after the kill, code {codes[1]}')
+
+
+def test_a_config_mistake_stops_every_process_with_one_message(tmp_path):
+  codes, outs, errs = _wait(_launch(str(tmp_path / 'run'), {**OVERRIDES, 'batch_size': 30}), 120)
+  assert codes == [1, 1], errs
+  for err in errs:  # each process says it, without a stack trace, and none waits for the others
+    assert 'config.batch_size=30 is not divisible by the 4 devices' in err and 'Traceback' not in err, err[-2000:]
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')
 
 
 # ---------------------------------------------------------------------------------------------------------------
