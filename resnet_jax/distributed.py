@@ -12,12 +12,15 @@ the compiler insert the cross-process collectives. What this module adds around 
   `barrier(name)`              all processes wait for each other (a no-op alone).
   `is_main()`                  process 0: the one that writes metrics, logs, plots and config.json.
   `preemption_reached(step)`   the step at which all processes agree to checkpoint and stop after a SIGTERM.
+  `exit_with_error(message)`   one message and exit status 1, leaving no process waiting for this one.
 """
 import importlib.util
 import glob
 import os
+import sys
 
 import jax
+import jax._src.distributed  # the coordination client, for exit_with_error
 import numpy as np
 
 MODES = ('auto', 'on', 'off')
@@ -101,6 +104,27 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def exit_with_error(message: str, peers_failed: bool = False, wait_seconds: int = 10):
+  """Prints `message` and exits with status 1, without leaving the other processes waiting.
+
+  Alone: a plain exit. With several processes, a mistake in the config or the data is usually found by all of them
+  at the same point: when all arrive within `wait_seconds` they leave together through jax's clean shutdown. When
+  the others do not come (the mistake is this process's alone, or `peers_failed`: a collective already failed),
+  this process leaves at once, so their next collective fails now instead of after jax's shutdown timeout.
+  """
+  print(message, file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    # jax keeps the coordination client private; orbax reaches it the same way.
+    client = getattr(getattr(jax._src.distributed, 'global_state', None), 'client', None)
+    try:
+      if peers_failed or client is None:
+        raise TimeoutError
+      client.wait_at_barrier('resnet_jax_exit_with_error', wait_seconds * 1000)
+    except Exception:  # a timeout, or the coordinator is gone
+      os._exit(1)
+  sys.exit(1)
 
 
 def preemption_reached(step: int) -> bool:

@@ -4,7 +4,6 @@
 
 Resumes from WORKDIR/checkpoints when a checkpoint is there. The logic lives in trainer.train_and_evaluate.
 """
-import os
 import sys
 
 import jax
@@ -43,22 +42,14 @@ def main(argv):
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_resume=_FORCE.value)
   except (ValueError, data.DatasetNotFoundError, PermissionError, trainer.NonFiniteLossError) as e:
     # One clear message, not a stack trace: these are mistakes in the config, the data or the workdir.
-    _fail(f'error: {e}')
+    distributed.exit_with_error(f'error: {e}')
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
-    _fail(f'error: {distributed.describe()}: a step with the other processes failed, most likely because one of '
-          f'them stopped (see its log). Restart all processes with the same command to resume from the last '
-          f'checkpoint.\n{type(e).__name__}: {str(e)[:2000]}')
-
-
-def _fail(message: str):
-  if jax.process_count() == 1:
-    sys.exit(message)
-  # Several processes: exit at once, so that the others' collectives fail now instead of waiting for this process
-  # in jax's shutdown barrier (and aborting with a core dump after --heartbeat_timeout).
-  print(message, file=sys.stderr, flush=True)
-  os._exit(1)
+    distributed.exit_with_error(
+        f'error: {distributed.describe()}: a step with the other processes failed, most likely because one of them '
+        f'stopped (see its log). Restart all processes with the same command to resume from the last checkpoint.\n'
+        f'{type(e).__name__}: {str(e)[:2000]}', peers_failed=True)
 
 
 def _start_distributed():
