@@ -6,11 +6,10 @@ the compiler insert the cross-process collectives. What this module adds around 
   `initialize(...)`            starts the runtime when the environment or the flags say the run has several
                                processes (TPU VM, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, explicit flags), and
                                does nothing for a run alone.
-  `process_slice`, `global_array`
+  `process_slice`, `global_array`, `shard_from_host`
                                build a global array from the rows this process owns
                                (`jax.make_array_from_process_local_data`): each process feeds only its own shard.
   `barrier(name)`              all processes wait for each other (a no-op alone).
-  `is_main()`                  process 0: the one that writes metrics, logs, plots and config.json.
   `preemption_reached(step)`   the step at which all processes agree to checkpoint and stop after a SIGTERM.
   `exit_with_error(message)`   one message and exit status 1, leaving no process waiting for this one.
 """
@@ -20,7 +19,6 @@ import os
 import sys
 
 import jax
-import jax._src.distributed  # the coordination client, for exit_with_error
 import numpy as np
 
 MODES = ('auto', 'on', 'off')
@@ -89,11 +87,6 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None, num_p
   return True
 
 
-def is_main() -> bool:
-  """Process 0 writes metrics, logs, plots and config.json; every process writes its part of checkpoints."""
-  return jax.process_index() == 0
-
-
 def describe() -> str:
   return (f'process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of '
           f'{jax.device_count()} devices here')
@@ -116,13 +109,13 @@ def exit_with_error(message: str, peers_failed: bool = False, wait_seconds: int 
   """
   print(message, file=sys.stderr, flush=True)
   if jax.process_count() > 1:
-    # jax keeps the coordination client private; orbax reaches it the same way.
-    client = getattr(getattr(jax._src.distributed, 'global_state', None), 'client', None)
     try:
+      from jax._src import distributed as jax_distributed  # the coordination client is private; orbax uses it too
+      client = jax_distributed.global_state.client
       if peers_failed or client is None:
         raise TimeoutError
       client.wait_at_barrier('resnet_jax_exit_with_error', wait_seconds * 1000)
-    except Exception:  # a timeout, or the coordinator is gone
+    except Exception:  # a timeout, the coordinator is gone, or jax moved its client
       os._exit(1)
   sys.exit(1)
 
