@@ -57,7 +57,9 @@ def validate(config, num_devices: int) -> None:
   if g < 0 or g > b:
     raise ValueError(f'config.bn_group_size={g} must be between 0 (whole batch) and config.batch_size={b}.')
   if g and b % g:
-    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}.')
+    divisors = [d for d in range(2, b) if b % d == 0][-2:]
+    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
+                     f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
   per_device = b // num_devices
   if g and per_device % g and g % per_device:
     raise ValueError(f'config.bn_group_size={g} neither divides nor is a multiple of the {per_device} examples '

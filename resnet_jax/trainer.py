@@ -66,8 +66,13 @@ def _check_workdir(workdir: str) -> None:
 def _check_resume_config(config_path: str, config, force_resume: bool) -> None:
   """A workdir belongs to one run: a config.json there must agree on the model and data fields, unless forced."""
   if os.path.exists(config_path) and not force_resume:
-    with open(config_path) as f:
-      checkpoint.check_resume_config(json.load(f), config)
+    try:
+      with open(config_path) as f:
+        saved = json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{config_path} is not valid JSON ({e}); it records the config of the run in this workdir. '
+                       'Restore it, or use another --workdir.') from e
+    checkpoint.check_resume_config(saved, config)
 
 
 def _write_config(config_path: str, config) -> None:

@@ -85,6 +85,13 @@ def _assert_same_run(a, b):
     assert x.tobytes() == y.tobytes(), f'{jax.tree_util.keystr(path)} differs'
 
 
+def _steps(workdir):
+  """The steps orbax lists as complete, read without touching the directory (no clean-up of temporary dirs)."""
+  manager = checkpoint.ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                             options=checkpoint.ocp.CheckpointManagerOptions(read_only=True))
+  return list(manager.all_steps())
+
+
 def _snapshot(root):
   """Every file under `root` with its bytes and mtime: equal snapshots mean nothing was written."""
   out = {}
@@ -114,14 +121,16 @@ def test_run_killed_anywhere_resumes_to_the_uninterrupted_result(reference, tmp_
   ckpt_dir = tmp_path / 'checkpoints'
   if action == 'kill':
     assert killed.returncode == -signal.SIGKILL
+    with open(tmp_path / 'metrics.jsonl', 'a') as f:  # as if the kill had also cut a metrics line short
+      f.write('{"step": 99, "train_lo')
   else:  # SIGTERM/SIGINT: checkpoint at the current step, a clean exit (0; 130 for SIGINT), no extra metrics line
     assert killed.returncode == (0 if action == 'term' else 130), killed.stderr[-3000:]
     assert f'Stopped by {"SIGTERM" if action == "term" else "SIGINT"} at step {step}' in killed.stdout
-    assert int(step) in checkpoint.Checkpointer(str(tmp_path)).all_steps()
+    assert int(step) in _steps(tmp_path)
     assert _metrics(tmp_path) == [r for r in _metrics(reference) if r['step'] <= int(step)]
   if point == 'checkpoint':  # killed inside the write: the step exists only as orbax's temporary directory
     assert (ckpt_dir / f'{step}.orbax-checkpoint-tmp').is_dir() and not (ckpt_dir / step).exists()
-    assert int(step) not in checkpoint.Checkpointer(str(tmp_path)).all_steps()  # never taken as complete
+    assert int(step) not in _steps(tmp_path)  # never taken as complete
 
   resumed = _ok(_main(tmp_path, cache=cache))
   restored = [int(line.split()[-1].rstrip('.')) for line in resumed.stdout.splitlines() if line.startswith('Resumed')]
@@ -129,7 +138,7 @@ def test_run_killed_anywhere_resumes_to_the_uninterrupted_result(reference, tmp_
     assert restored == [int(step)]  # no work lost
   else:
     assert len(restored) <= 1 and (restored or [0])[0] < int(step)  # work after the last complete checkpoint redone
-  assert not list(ckpt_dir.glob('*.orbax-checkpoint-tmp'))
+  assert not list(ckpt_dir.glob('*.orbax-checkpoint-tmp'))  # the resumed run removed the half-written step
   _assert_same_run(reference, tmp_path)
 
 
@@ -247,7 +256,7 @@ def test_partially_written_checkpoint_is_never_listed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Non-finite losses and SIGINT (in process, 4 devices).
+# Non-finite losses (in process, on one device: the learning rate is patched to infinity at chosen steps).
 
 def _tiny(**overrides):
   c = config_base.cifar(8)
@@ -278,7 +287,7 @@ def _spike_lr_at(monkeypatch, bad_steps):
 def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
   _spike_lr_at(monkeypatch, [3])  # the 4th update; the checkpoint at step 3 is the last good one
   with pytest.raises(trainer.NonFiniteLossError) as e:
-    trainer.train_and_evaluate(_tiny(), str(tmp_path))
+    trainer.train_and_evaluate(_tiny(eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
   msg = str(e.value)
   assert 'non-finite at step 4 (found at step 6)' in msg and 'Last good checkpoint: step 3 in' in msg
   assert 'nonfinite_loss=skip' in msg and isinstance(e.value, trainer.USER_ERRORS)
@@ -288,8 +297,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_p
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
   _spike_lr_at(monkeypatch, [3, 4])  # updates 4 and 5 are not finite
-  last = trainer.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10),
-                                    str(tmp_path))
+  last = trainer.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10,
+                                          eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
   assert [(r['step'], r['skipped_steps']) for r in rows] == [(3, 0), (6, 2)]
   assert np.isfinite(rows[1]['train_loss']) and last['step'] == 6
@@ -349,7 +358,8 @@ BAD_INPUTS = [
     ('unknown shortcut option', {'model.shortcut': 'D'}, None, r'shortcut option.*valid choices: A, B, C'),
     ('batch not divisible by the devices', {'batch_size': 30, 'bn_group_size': 0}, None,
      r'batch_size=30 is not divisible by the 4 devices'),
-    ('batch not divisible by bn_group_size', {'bn_group_size': 12}, None, r'bn_group_size=12 does not divide'),
+    ('batch not divisible by bn_group_size', {'bn_group_size': 12}, None,
+     r'bn_group_size=12 does not divide config.batch_size=32; use a divisor of it \(e.g. 8 or 16\)'),
     ('bn_group_size larger than the batch', {'bn_group_size': 64}, None,
      r'bn_group_size=64 must be between 0 \(whole batch\) and config.batch_size=32'),
     ('zero steps', {'num_steps': 0}, None, r'num_steps=0 must be positive'),
@@ -394,6 +404,16 @@ def test_forced_resume_into_a_different_model_names_the_arrays_that_do_not_fit(r
                      match=r"(?s)checkpoint at step 12 .* does not fit.*\['params'\]\['stage1_block2'\].*"
                            r"checkpoint <absent>"):
     trainer.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
+  assert _snapshot(workdir) == before
+
+
+def test_damaged_config_record_in_the_workdir_is_one_clear_error(reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  (workdir / 'config.json').write_text('{"model": {"depth": 8')
+  before = _snapshot(workdir)
+  with pytest.raises(trainer.USER_ERRORS, match=r'config\.json is not valid JSON .* Restore it, or use another'):
+    trainer.train_and_evaluate(_ref_config(), str(workdir))
   assert _snapshot(workdir) == before
 
 
