@@ -3,9 +3,8 @@ detected and skipped; non-finite losses stop (or are skipped and counted); the s
 bad input gets one clear message and leaves the workdir as it was. docs/reliability.md lists each case.
 
 The subprocess runs use the tiny digits run below on 2 CPU devices and share one uninterrupted reference run and one
-JAX compilation cache (module fixtures), so the whole file costs about a dozen short runs.
+JAX compilation cache (module fixtures): 15 short runs in all.
 """
-import json
 import os
 import shutil
 import signal
