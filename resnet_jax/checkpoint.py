@@ -1,30 +1,71 @@
 """Checkpoints with orbax-checkpoint under WORKDIR/checkpoints.
 
-orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-write never
-leaves a checkpoint that looks finished. The config is recorded in WORKDIR/config.json; resuming with a config
-that changes the model or the data is refused, naming the fields, unless forced.
+Completeness: orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only after every
+file is written, so a run killed mid-write never leaves a checkpoint that looks finished; leftover temporary
+directories are removed when the next run opens the directory.
+
+Integrity: orbax does not notice a flipped byte in array data (zstd chunks carry no checksum: such a checkpoint
+restores silently with wrong values). Each save therefore records the SHA-256 of the whole state in the step's
+metadata, and a restore recomputes it. Resuming takes the newest checkpoint that restores and matches its digest;
+newer damaged ones are reported and moved to WORKDIR/checkpoints_damaged/ (kept for inspection, never deleted).
+
+Config: WORKDIR/config.json records the run's config; resuming with a config that changes the model or the data is
+refused, naming the fields, unless forced.
 """
+import hashlib
 import json
 import os
 
 import flax.serialization
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
+from resnet_jax import distributed, faults
+
 # Fields that change the model or the data: a checkpoint is only resumed under the same values.
 RESUME_CHECKED = ('model', 'data', 'batch_size', 'seed', 'bn_group_size')
+DIGEST_KEY = 'state_sha256'
 
 
 class ConfigMismatchError(ValueError):
   pass
 
 
+class NoUsableCheckpointError(RuntimeError):
+  """Every checkpoint in the directory is damaged."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint restored, but its content differs from what was saved."""
+
+
+def state_digest(tree) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (on the host)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:limit] if text else ""}'
+
+
 class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.damaged_directory = os.path.join(self.workdir, 'checkpoints_damaged')
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),  # so metadata reads work before any restore
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            temporary_path_class=faults.temporary_path_class()))  # None (orbax's default) outside tests
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -36,16 +77,95 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), force=force)
+    tree = flax.serialization.to_state_dict(state)
+    # The digest is taken now, from the state being saved; the write itself continues in the background.
+    self.manager.save(step, args=ocp.args.StandardSave(tree), force=force,
+                      custom_metadata={DIGEST_KEY: state_digest(tree)})
+
+  def saved_digest(self, step: int) -> str | None:
+    try:
+      meta = self.manager.metadata(step).custom_metadata or {}
+    except Exception:  # an unreadable step metadata file: the digest is unknown
+      return None
+    return meta.get(DIGEST_KEY)
+
+  def check_fits(self, template, step: int) -> None:
+    """Raises ConfigMismatchError naming the arrays whose shape or dtype differ between `step` and `template`."""
+    meta = self.manager.item_metadata(step)
+    meta = getattr(meta, 'tree', meta)
+    saved = {jax.tree_util.keystr(p): (tuple(m.shape), np.dtype(m.dtype).name)
+             for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+    wanted = {jax.tree_util.keystr(p): (tuple(np.shape(x)), np.dtype(x.dtype).name)
+              for p, x in jax.tree_util.tree_flatten_with_path(flax.serialization.to_state_dict(template))[0]}
+    diffs = [f'  {k}: checkpoint {saved.get(k, "<absent>")}, this run {wanted.get(k, "<absent>")}'
+             for k in sorted(set(saved) | set(wanted), key=lambda k: (not k.startswith("['params']"), k))
+             if saved.get(k) != wanted.get(k)]
+    if diffs:
+      more = f'\n  ... and {len(diffs) - 10} more' if len(diffs) > 10 else ''
+      raise ConfigMismatchError(
+          f'The checkpoint at step {step} in {self.directory} does not fit this run\'s model (shape, dtype):\n'
+          + '\n'.join(diffs[:10]) + more + '\nResume with the config it was written with, or use another --workdir.')
 
   def restore(self, template, step: int | None = None):
-    """Restores `step` (default: the latest) into the structure and shardings of `template`."""
+    """Restores `step` (default: the latest) into the structure and shardings of `template`, and checks it against
+    the digest recorded at save time. Raises ConfigMismatchError if it does not fit the template,
+    DamagedCheckpointError if it restores with different content, or orbax's error if it cannot be read."""
     step = self.latest_step() if step is None else step
+    self.check_fits(template, step)
     target = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         flax.serialization.to_state_dict(template))
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    expected = self.saved_digest(step)
+    if expected is not None and state_digest(restored) != expected:
+      raise DamagedCheckpointError(f'its content does not match the SHA-256 recorded when step {step} was saved')
     return flax.serialization.from_state_dict(template, restored)
+
+  def load_arrays(self, step: int | None = None) -> dict:
+    """The state dict of `step` (default: the latest) as host numpy arrays, on any device count; not verified."""
+    step = self.latest_step() if step is None else step
+    meta = self.manager.item_metadata(step)
+    template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), getattr(meta, 'tree', meta))
+    return self.manager.restore(step, args=ocp.args.StandardRestore(template))
+
+  def restore_latest(self, template, report=print):
+    """(state, step) from the newest intact checkpoint, or (template, 0) when there is none. Damaged checkpoints
+    newer than it are reported and moved to `damaged_directory`; NoUsableCheckpointError if all are damaged."""
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(template, step)
+      except ConfigMismatchError:
+        raise
+      except Exception as e:  # unreadable, truncated, missing files, or a digest mismatch: the checkpoint is damaged
+        damaged.append(step)
+        report(f'Checkpoint step {step} in {self.directory} is damaged ({_first_line(e)}).')
+        continue
+      if self.saved_digest(step) is None:
+        report(f'Checkpoint step {step} has no readable digest: restored without verifying its content.')
+      for s in damaged:
+        report(f'Moved the damaged checkpoint step {s} to {self._set_aside(s)}.')
+      if damaged:
+        report(f'Resuming from step {step}, the newest intact checkpoint.')
+      return state, step
+    if damaged:
+      raise NoUsableCheckpointError(
+          f'Every checkpoint in {self.directory} is damaged (steps {sorted(damaged)}); see the messages above. '
+          'Move that directory away to start the run from scratch, or use another --workdir.')
+    return template, 0
+
+  def _set_aside(self, step: int) -> str:
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.damaged_directory, str(step))
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.makedirs(self.damaged_directory, exist_ok=True)
+      i = 1
+      while os.path.exists(dst):
+        dst, i = os.path.join(self.damaged_directory, f'{step}-{i}'), i + 1
+      os.rename(src, dst)
+    distributed.barrier(f'set_aside_{step}')  # several processes: reload only once process 0 has moved it
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

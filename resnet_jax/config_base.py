@@ -57,6 +57,11 @@ def base() -> ml_collections.ConfigDict:
   # The paper's CIFAR runs normalised each BN over 64 examples per GPU (batch 128 on 2 GPUs). 0 = whole batch.
   c.bn_group_size = 64
 
+  # A step whose loss or updated parameters are not finite (not in the paper, which reports none): 'stop' ends the
+  # run at the next log or checkpoint point, naming the step and the last good checkpoint; 'skip' drops such updates
+  # and counts them (metrics.jsonl field skipped_steps).
+  c.nonfinite_loss = 'stop'         # 'stop' | 'skip'
+
   c.seed = 0
   c.log_every_steps = 100
   c.eval_every_steps = 2_000

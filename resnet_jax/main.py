@@ -3,14 +3,20 @@
   python -m resnet_jax.main --config=configs/cifar_110.py --workdir=runs/cifar_110 [--config.FIELD=VALUE ...]
 
 Resumes from WORKDIR/checkpoints when a checkpoint is there. The logic lives in trainer.train_and_evaluate.
+Exit status: 0 when done or stopped by SIGTERM (checkpoint written), 130 when stopped by SIGINT (checkpoint written),
+1 with one `error: ...` line for a mistake in the flags, the config, the data or the workdir.
 """
+import glob
+import os
+import runpy
+import signal
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import checkpoint, data, distributed, trainer
+from resnet_jax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -29,18 +35,72 @@ _HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 100, 'Seconds without a h
 _INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300, 'Seconds to wait for all processes to join.')
 
 
+def _known_configs() -> str:
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  names = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(here, '*.py')))
+  return ', '.join(names) if names else '(no configs/ directory next to the package)'
+
+
+def _config_arg(argv) -> str:
+  """The config file named by --config=PATH[:ARGS] (the last one, as absl takes the last value)."""
+  values = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  return values[-1].split(':')[0] if values else '<none>'
+
+
+def _unknown_field_message(argv, error) -> str:
+  """--config.FIELD=... where FIELD is not in the config: ml_collections raises a bare AttributeError/KeyError."""
+  bad = next((a for a in argv if a.startswith('--config.') and str(error).strip('"\'') in a), None)
+  name = (bad or '').split('=')[0][len('--config.'):] or str(error).strip('"\'')
+  parent, _, leaf = name.rpartition('.')
+  try:  # the flag holds no config after a failed parse: read the file again to list the fields
+    node = runpy.run_path(_config_arg(argv))['get_config']()
+    for part in parent.split('.') if parent else []:
+      node = node[part]
+    fields = ', '.join(sorted(node.keys()))
+  except Exception:  # a config file that cannot be read twice: name the field only
+    fields = 'see the config file'
+  return (f'error: {bad or name}: the config has no field {leaf!r}'
+          + (f' under config.{parent}' if parent else '') + f'. Valid fields: {fields}.')
+
+
+def _config_file_message(path: str) -> str:
+  return f'error: cannot load the config file {path!r}: no such file. Configs: {_known_configs()}.'
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with one `error:` line for the config mistakes that otherwise end in a stack trace."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --helpshort to see the flags.')
+  except OSError:  # --config.FIELD=... overrides on a config file that could not be loaded
+    sys.exit(_config_file_message(_config_arg(argv)))
+  except (AttributeError, KeyError) as e:
+    sys.exit(_unknown_field_message(argv, e))
+
+
+def _load_config():
+  config = _CONFIG.value
+  if config is None or not _WORKDIR.value:
+    raise app.UsageError('--config and --workdir are required, e.g. '
+                         '--config=configs/cifar_20.py --workdir=runs/cifar_20')
+  try:
+    config.keys()  # ml_collections defers a config file's load error to the first use of the config
+  except OSError:
+    sys.exit(_config_file_message(flags.FLAGS['config'].config_filename))
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError('--config and --workdir are required, e.g. '
-                         '--config=configs/cifar_20.py --workdir=runs/cifar_20')
+  config = _load_config()
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO; --verbosity=0 shows it
   try:
     _start_distributed()
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_resume=_FORCE.value)
-  except (ValueError, data.DatasetNotFoundError, PermissionError, trainer.NonFiniteLossError) as e:
+    last = trainer.train_and_evaluate(config, _WORKDIR.value, force_resume=_FORCE.value)
+  except trainer.USER_ERRORS as e:
     # One clear message, not a stack trace: these are mistakes in the config, the data or the workdir.
     distributed.exit_with_error(f'error: {e}')
   except jax.errors.JaxRuntimeError as e:
@@ -50,6 +110,8 @@ def main(argv):
         f'error: {distributed.describe()}: a step with the other processes failed, most likely because one of them '
         f'stopped (see its log). Restart all processes with the same command to resume from the last checkpoint.\n'
         f'{type(e).__name__}: {str(e)[:2000]}', peers_failed=True)
+  if last.get('stopped_by_signal') == signal.SIGINT:
+    sys.exit(128 + signal.SIGINT)
 
 
 def _start_distributed():
@@ -59,4 +121,4 @@ def _start_distributed():
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -19,7 +19,8 @@ class MetricsWriter:
     os.replace(self.path + '.tmp', self.path)
     try:
       from tensorboardX import SummaryWriter  # optional: pip install tensorboardX
-      self.tb = SummaryWriter(workdir)
+      # purge_step: TensorBoard drops the old events of the steps a resumed run redoes, as the lines above.
+      self.tb = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
     except ImportError:
       pass
 

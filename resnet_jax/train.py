@@ -45,6 +45,9 @@ def validate(config, num_devices: int) -> None:
       raise ValueError(f'config.{name}={config[name]} must be positive.')
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate={config.learning_rate} must be positive.')
+  if config.get('nonfinite_loss', 'stop') not in NONFINITE_POLICIES:
+    raise ValueError(f'Unknown config.nonfinite_loss {config.nonfinite_loss!r}; valid choices: '
+                     f'{", ".join(NONFINITE_POLICIES)}.')
   if b % num_devices:
     raise ValueError(f'config.batch_size={b} is not divisible by the {num_devices} devices; use a multiple of '
                      f'{num_devices} (e.g. {num_devices * max(1, round(b / num_devices))}).')
@@ -54,7 +57,9 @@ def validate(config, num_devices: int) -> None:
   if g < 0 or g > b:
     raise ValueError(f'config.bn_group_size={g} must be between 0 (whole batch) and config.batch_size={b}.')
   if g and b % g:
-    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}.')
+    divisors = [d for d in range(2, b) if b % d == 0][-2:]
+    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
+                     f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
   per_device = b // num_devices
   if g and per_device % g and g % per_device:
     raise ValueError(f'config.bn_group_size={g} neither divides nor is a multiple of the {per_device} examples '
@@ -103,7 +108,8 @@ def update_warmup(config, state_step, warmup_done, error_ema, batch_error):
 
 def zero_sums():
   return {'loss': jnp.zeros((), jnp.float32), 'errors': jnp.zeros((), jnp.float32),
-          'count': jnp.zeros((), jnp.float32), 'lr': jnp.zeros((), jnp.float32)}
+          'count': jnp.zeros((), jnp.float32), 'lr': jnp.zeros((), jnp.float32),
+          'nonfinite': jnp.zeros((), jnp.int32), 'first_nonfinite': jnp.zeros((), jnp.int32)}
 
 
 def init_state(config, model, image_shape, num_classes: int) -> TrainState:
@@ -153,10 +159,31 @@ def train_step(config, model, mesh, state: TrainState, images, labels, mean):
   n = float(config.batch_size)
   warmup_done, error_ema = update_warmup(config, state.step, state.warmup_done, state.error_ema, errors / n)
   sums = state.train_sums
-  sums = {'loss': sums['loss'] + loss * n, 'errors': sums['errors'] + errors, 'count': sums['count'] + n,
+  sums = {**sums, 'loss': sums['loss'] + loss * n, 'errors': sums['errors'] + errors, 'count': sums['count'] + n,
           'lr': lr}
-  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                    warmup_done=warmup_done, error_ema=error_ema, train_sums=sums)
+  new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                   warmup_done=warmup_done, error_ema=error_ema, train_sums=sums)
+  return guard_nonfinite(config, state, new, loss)
+
+
+NONFINITE_POLICIES = ('stop', 'skip')
+
+
+def guard_nonfinite(config, old: TrainState, new: TrainState, loss) -> TrainState:
+  """Counts a step whose loss or updated parameters are not finite (`train_sums['nonfinite']`, and the first such
+  step in `first_nonfinite`). config.nonfinite_loss='stop' keeps the update: the loop stops at its next log or
+  checkpoint point. 'skip' drops it: everything stays as before the step except the step counter (the run moves on
+  to the next batch) and the counts."""
+  finite = jnp.isfinite(loss)
+  for p in jax.tree_util.tree_leaves(new.params):
+    finite = finite & jnp.all(jnp.isfinite(p))
+  counts = {'nonfinite': old.train_sums['nonfinite'] + (~finite).astype(jnp.int32),
+            'first_nonfinite': jnp.where((old.train_sums['first_nonfinite'] == 0) & ~finite, new.step,
+                                         old.train_sums['first_nonfinite'])}
+  if config.get('nonfinite_loss', 'stop') == 'skip':
+    skipped = old.replace(step=new.step, train_sums={**old.train_sums, 'lr': new.train_sums['lr']})
+    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, skipped)
+  return new.replace(train_sums={**new.train_sums, **counts})
 
 
 def make_train_step(config, model, mesh):

@@ -1,19 +1,25 @@
 """`train_and_evaluate(config, workdir)`: the whole run, importable from a notebook. main.py only parses flags."""
 import json
-import math
 import os
 import signal
+import tempfile
 import time
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, checkpoint, data, distributed, metrics_io, models, plotting, train
+from resnet_jax import augment, checkpoint, data, distributed, faults, metrics_io, models, plotting, train
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+# Mistakes in the config, the data, the workdir or its checkpoints: main.py prints their message (one line, no stack
+# trace) and exits with status 1. Anything else is a bug and keeps its stack trace.
+USER_ERRORS = (ValueError, data.DatasetNotFoundError, PermissionError, NonFiniteLossError,
+               checkpoint.NoUsableCheckpointError)
 
 
 class _StopRequest:
@@ -34,6 +40,8 @@ class _StopRequest:
     return self
 
   def _handle(self, signum, frame):
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     self.signal = signum
 
   def __exit__(self, *exc):
@@ -42,14 +50,59 @@ class _StopRequest:
 
 
 def _check_workdir(workdir: str) -> None:
+  """Raises PermissionError unless `workdir` can be written (or created); leaves nothing behind."""
+  existing = os.path.abspath(workdir)
+  while not os.path.isdir(existing):  # the nearest existing ancestor is where the workdir would be created
+    if os.path.exists(existing):
+      raise PermissionError(f'The workdir {workdir!r} cannot be created: {existing} is a file; choose another '
+                            '--workdir.')
+    existing = os.path.dirname(existing)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')  # one per process: they share the workdir
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    probe = tempfile.mkdtemp(prefix='.write_test', dir=existing)
+    os.rmdir(probe)
   except OSError as e:
-    raise PermissionError(f'The workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir.') from e
+    raise PermissionError(f'The workdir {workdir!r} is not writable ({e.strerror} in {existing}); choose another '
+                          '--workdir.') from e
+
+
+def _check_resume_config(config_path: str, config, force_resume: bool) -> None:
+  """A workdir belongs to one run: a config.json there must agree on the model and data fields, unless forced."""
+  if os.path.exists(config_path) and not force_resume:
+    try:
+      with open(config_path) as f:
+        saved = json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{config_path} is not valid JSON ({e}); it records the config of the run in this workdir. '
+                       'Restore it, or use another --workdir.') from e
+    checkpoint.check_resume_config(saved, config)
+
+
+def _write_config(config_path: str, config) -> None:
+  with open(config_path + '.tmp', 'w') as f:
+    json.dump(checkpoint.config_to_dict(config), f, indent=2)
+  os.replace(config_path + '.tmp', config_path)
+
+
+def _check_nonfinite(config, sums: dict, step: int, ckpt, log_point: bool) -> int:
+  """Raises NonFiniteLossError (naming the step and the last good checkpoint) if a step since the last log point
+  was not finite under nonfinite_loss='stop', or, at a log point under 'skip', if every step of the window was
+  skipped. Returns the number of non-finite steps (the skipped ones under 'skip')."""
+  bad = int(sums['nonfinite'])
+  if not bad:
+    return 0
+  first = int(sums['first_nonfinite'])
+  policy = config.get('nonfinite_loss', 'stop')
+  if policy == 'skip' and (float(sums['count']) > 0 or not log_point):
+    return bad
+  ckpt.wait()
+  good = ckpt.latest_step()
+  what = (f'The training loss or parameters became non-finite at step {first}' if policy == 'stop'
+          else f'Every step from {first} to {step} had a non-finite loss or parameters and was skipped')
+  raise NonFiniteLossError(
+      f'{what} (found at step {step}). Last good checkpoint: '
+      + (f'step {good} in {ckpt.directory}' if good is not None else 'none') + '. Lower --config.learning_rate, '
+      'use --config.model.dtype=float32, or check the data, then run again (it resumes from that checkpoint); '
+      '--config.nonfinite_loss=skip skips such steps and counts them instead.')
 
 
 def _summarise(sums: dict, prefix: str) -> dict:
@@ -65,7 +118,11 @@ def _place_split(mesh, images, labels, batch_size):
 
 
 def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last metrics written."""
+  """Trains `config` in `workdir`, resuming from its newest intact checkpoint. Returns the last metrics written
+  (with 'stopped_by_signal' when SIGTERM/SIGINT ended the run early).
+
+  Every check of the config, the data and the workdir runs before anything is written: a mistake leaves the workdir
+  as it was. A run killed at any point and started again with the same command ends as if never interrupted."""
   mesh = train.make_mesh(devices)
   num_devices = mesh.devices.size
   train.validate(config, num_devices)
@@ -80,21 +137,24 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   if len(ds.train_labels) < config.batch_size:
     raise ValueError(f'The training split has {len(ds.train_labels)} examples, fewer than config.batch_size='
                      f'{config.batch_size}.')
+  config_path = os.path.join(workdir, 'config.json')
+  _check_resume_config(config_path, config, force_resume)
 
   model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  config_path = os.path.join(workdir, 'config.json')
-  start_step = ckpt.latest_step() or 0
-  if start_step and os.path.exists(config_path) and not force_resume:
-    with open(config_path) as f:
-      checkpoint.check_resume_config(json.load(f), config)
+  replicated = NamedSharding(mesh, P())
+  init = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], ds.num_classes),
+                 out_shardings=replicated)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
+  # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
+  state, start_step = ckpt.restore_latest(jax.eval_shape(init), report=print if is_main else lambda _: None)
+  if not start_step:
+    state = init()
+  if start_step and is_main:
+    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
   distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
   if is_main:
-    with open(config_path + '.tmp', 'w') as f:
-      json.dump(checkpoint.config_to_dict(config), f, indent=2)
-    os.replace(config_path + '.tmp', config_path)
+    _write_config(config_path, config)
 
-  replicated = NamedSharding(mesh, P())
   mean = augment.pixel_mean(ds.train_images)
   train_images, train_labels, mean_d = (jax.device_put(a, replicated) for a in
                                         (ds.train_images, ds.train_labels, mean))
@@ -102,13 +162,6 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   for name, images, labels in (('val', ds.val_images, ds.val_labels), ('test', ds.test_images, ds.test_labels)):
     if images is not None:
       eval_splits[name] = _place_split(mesh, images, labels, config.eval_batch_size)
-
-  state = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], ds.num_classes),
-                  out_shardings=replicated)()
-  if start_step:
-    state = ckpt.restore(state)
-    if is_main:
-      print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
   step_fn = train.make_train_step(config, model, mesh)
   eval_fn = train.make_eval_fn(model, mesh)
 
@@ -117,8 +170,8 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   if is_main:
     print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
           f'({config.model.family}) on {len(ds.train_labels)} images of {config.data.dataset}, '
-          f'{num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), batch {config.batch_size}, '
-          f'{config.num_steps} steps, workdir {workdir}', flush=True)
+          f'{num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), '
+          f'batch {config.batch_size}, {config.num_steps} steps, workdir {workdir}', flush=True)
 
   last = {}
   window_start, window_step = time.time(), start_step
@@ -129,41 +182,51 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
       step += 1
       if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
         stop.signal = signal.SIGTERM
+      faults.point('train', step)
       final = step == config.num_steps
       row = {}
-      if step % config.log_every_steps == 0 or final or stop.signal:
-        sums = state.train_sums  # this device_get is the loop's only host sync between log points
+      # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
+      # the same lines as an uninterrupted one.
+      if step % config.log_every_steps == 0 or final:
+        sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
+        skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True)
         row.update(_summarise(sums, 'train'))
-        row['lr'] = float(jax.device_get(sums['lr']))
+        row['lr'] = float(sums['lr'])
+        if config.get('nonfinite_loss', 'stop') == 'skip':
+          row['skipped_steps'] = skipped
         now = time.time()
         row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
         window_start, window_step = now, step
         state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
-        if not math.isfinite(row['train_loss']):
-          ckpt.wait()
-          good = ckpt.latest_step()
-          raise NonFiniteLossError(
-              f'The training loss is {row["train_loss"]} at step {step}. Last good checkpoint: '
-              + (f'step {good} in {ckpt.directory}' if good is not None else 'none') + '. Lower the learning rate, '
-              'use float32, or check the data.')
       if step % config.eval_every_steps == 0 or final:
-        for name, batches in eval_splits.items():
-          row.update(_summarise(eval_fn(state, batches, mean_d), name))
+        for i, (name, batches) in enumerate(eval_splits.items()):
+          sums = eval_fn(state, batches, mean_d)
+          if i == 0:
+            faults.point('eval', step)
+          row.update(_summarise(sums, name))
       if row:
         writer.write(step, row)
         progress.print(step, row)
         last = {'step': step, **row}
       if step % config.checkpoint_every_steps == 0 or final or stop.signal:
+        # Never checkpoint a broken state.
+        _check_nonfinite(config, jax.device_get(state.train_sums), step, ckpt, log_point=False)
         ckpt.save(state, force=bool(stop.signal))
       if stop.signal and not final:
         ckpt.wait()
         if is_main:
-          print(f'Stopped by signal {stop.signal} at step {step}; checkpoint written. '
+          print(f'Stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint written. '
                 'Run the same command to resume.', flush=True)
+        last = {**last, 'stopped_by_signal': int(stop.signal)}
         break
   ckpt.close()
   writer.close()
   if is_main:
-    plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}':
-                          metrics_io.read_metrics(writer.path)}, os.path.join(workdir, 'curves.png'))
+    rows = metrics_io.read_metrics(writer.path)
+    skipped = sum(r.get('skipped_steps', 0) for r in rows)
+    if skipped:
+      print(f'{int(skipped)} step(s) had a non-finite loss or parameters and were skipped (nonfinite_loss=skip).',
+            flush=True)
+    plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}': rows},
+                         os.path.join(workdir, 'curves.png'))
   return last

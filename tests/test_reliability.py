@@ -1,0 +1,454 @@
+"""Reliability: a run killed anywhere resumes bitwise; SIGTERM/SIGINT checkpoint and stop; damaged checkpoints are
+detected and skipped; non-finite losses stop (or are skipped and counted); the same seed gives the same run; every
+bad input gets one clear message and leaves the workdir as it was. docs/reliability.md lists each case.
+
+The subprocess runs use the tiny digits run below on 2 CPU devices and share one uninterrupted reference run and one
+JAX compilation cache (module fixtures): 15 short runs in all.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint, config_base, faults, metrics_io, train, trainer
+from helpers import write_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 12 steps of a ResNet-8 on 8x8 digits: log every 2, evaluate and checkpoint every 4, lr boundary at 6.
+RUN = {'num_steps': 12, 'data.image_size': 8, 'data.pad': 1, 'model.depth': 8, 'batch_size': 32,
+       'bn_group_size': 16, 'log_every_steps': 2, 'checkpoint_every_steps': 4, 'eval_every_steps': 4,
+       'eval_batch_size': 100, 'lr_boundaries': (6,)}
+TIMING = ('examples_per_sec',)  # wall-clock throughput: the one field that cannot repeat between two runs
+
+
+def _flag(k, v):
+  return f'--config.{k}={"(" + ",".join(map(str, v)) + ",)" if isinstance(v, tuple) else v}'
+
+
+def _main(workdir, *extra, fault=None, cache=None, config='configs/digits.py'):
+  env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, 'XLA_FLAGS')}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  if cache:  # a shared persistent compilation cache: later runs skip most of the compile time
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  if fault:
+    env[faults.ENV] = fault
+  args = [f'--config={config}', f'--workdir={workdir}', *(_flag(k, v) for k, v in RUN.items()), *extra]
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], capture_output=True, text=True, cwd=REPO,
+                        env=env, timeout=600)
+
+
+def _ok(out):
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  return out
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, cache):
+  """The uninterrupted run every other run is compared with."""
+  workdir = tmp_path_factory.mktemp('reference')
+  _ok(_main(workdir, cache=cache))
+  return workdir
+
+
+def _metrics(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def _assert_same_run(a, b):
+  """metrics.jsonl identical line by line (wall-clock throughput aside) and the final checkpoint identical bit for
+  bit: parameters, BN statistics, momentum, step, warm-up state and the open log window."""
+  rows_a, rows_b = _metrics(a), _metrics(b)
+  assert [r['step'] for r in rows_a] == [2, 4, 6, 8, 10, 12]
+  assert rows_a == rows_b
+  final = RUN['num_steps']
+  state_a, state_b = (checkpoint.Checkpointer(str(w)).load_arrays(final) for w in (a, b))
+  paths_a, leaves_a = zip(*jax.tree_util.tree_flatten_with_path(state_a)[0])
+  paths_b, leaves_b = zip(*jax.tree_util.tree_flatten_with_path(state_b)[0])
+  assert paths_a == paths_b and len(leaves_a) > 20
+  for path, x, y in zip(paths_a, leaves_a, leaves_b):
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    assert x.tobytes() == y.tobytes(), f'{jax.tree_util.keystr(path)} differs'
+
+
+def _steps(workdir):
+  """The steps orbax lists as complete, read without touching the directory (no clean-up of temporary dirs)."""
+  manager = checkpoint.ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                             options=checkpoint.ocp.CheckpointManagerOptions(read_only=True))
+  return list(manager.all_steps())
+
+
+def _snapshot(root):
+  """Every file under `root` with its bytes and mtime: equal snapshots mean nothing was written."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, root)] = (fh.read(), os.stat(p).st_mtime_ns)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism and bitwise resume (subprocesses on 2 CPU devices).
+
+def test_same_seed_on_the_same_devices_gives_the_same_run_twice(reference, tmp_path, cache):
+  _ok(_main(tmp_path, cache=cache))
+  _assert_same_run(reference, tmp_path)
+
+
+@pytest.mark.parametrize('fault', ['kill@train:7', 'kill@eval:8', 'kill@checkpoint:8', 'term@train:5',
+                                   'int@train:9'])
+def test_run_killed_anywhere_resumes_to_the_uninterrupted_result(reference, tmp_path, cache, fault):
+  action, where = fault.split('@')
+  point, step = where.split(':')
+  killed = _main(tmp_path, fault=fault, cache=cache)
+  assert f'[test fault] {point} at step {step}' in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
+  ckpt_dir = tmp_path / 'checkpoints'
+  if action == 'kill':
+    assert killed.returncode == -signal.SIGKILL
+    with open(tmp_path / 'metrics.jsonl', 'a') as f:  # as if the kill had also cut a metrics line short
+      f.write('{"step": 99, "train_lo')
+  else:  # SIGTERM/SIGINT: checkpoint at the current step, a clean exit (0; 130 for SIGINT), no extra metrics line
+    assert killed.returncode == (0 if action == 'term' else 130), killed.stderr[-3000:]
+    assert f'Stopped by {"SIGTERM" if action == "term" else "SIGINT"} at step {step}' in killed.stdout
+    assert int(step) in _steps(tmp_path)
+    assert _metrics(tmp_path) == [r for r in _metrics(reference) if r['step'] <= int(step)]
+  if point == 'checkpoint':  # killed inside the write: the step exists only as orbax's temporary directory
+    assert (ckpt_dir / f'{step}.orbax-checkpoint-tmp').is_dir() and not (ckpt_dir / step).exists()
+    assert int(step) not in _steps(tmp_path)  # never taken as complete
+
+  resumed = _ok(_main(tmp_path, cache=cache))
+  restored = [int(line.split()[-1].rstrip('.')) for line in resumed.stdout.splitlines() if line.startswith('Resumed')]
+  if action in ('term', 'int'):
+    assert restored == [int(step)]  # no work lost
+  else:
+    assert len(restored) <= 1 and (restored or [0])[0] < int(step)  # work after the last complete checkpoint redone
+  assert not list(ckpt_dir.glob('*.orbax-checkpoint-tmp'))  # the resumed run removed the half-written step
+  _assert_same_run(reference, tmp_path)
+
+
+def test_damaged_latest_checkpoint_is_reported_and_the_run_resumes_from_the_previous_one(reference, tmp_path, cache):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  _flip_byte_in_largest_file(workdir / 'checkpoints' / '12')
+  out = _ok(_main(workdir, cache=cache))
+  assert 'Checkpoint step 12 in' in out.stdout and 'is damaged' in out.stdout
+  assert 'Resuming from step 8, the newest intact checkpoint.' in out.stdout
+  assert (workdir / 'checkpoints_damaged' / '12').is_dir()  # kept for inspection
+  _assert_same_run(reference, workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints (in process, on a small state).
+
+def _flip_byte_in_largest_file(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, 'rb').read())
+  data[len(data) // 2] ^= 0xFF
+  open(path, 'wb').write(bytes(data))
+
+
+def _truncate_largest_file(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _garble_array_metadata(step_dir):
+  with open(os.path.join(step_dir, 'default', '_METADATA'), 'w') as f:
+    f.write('{"tree_metadata": {"w": ')
+
+
+def _empty_step_dir(step_dir):
+  shutil.rmtree(step_dir)
+  os.makedirs(step_dir)
+
+
+class _State:
+  """A tiny stand-in for TrainState: three arrays whose values depend on the step."""
+
+  @staticmethod
+  def at(step):
+    rng = np.random.default_rng(step)
+    return {'w': jnp.asarray(rng.normal(size=(64, 64)).astype(np.float32)), 'b': jnp.full((7,), float(step)),
+            'step': jnp.asarray(step, jnp.int32)}
+
+
+def _save_steps(workdir, steps):
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=5)
+  for s in steps:
+    state = _State.at(s)
+    ckpt.manager.save(s, args=checkpoint.ocp.args.StandardSave(state),
+                      custom_metadata={checkpoint.DIGEST_KEY: checkpoint.state_digest(state)})
+  ckpt.close()
+
+
+@pytest.mark.parametrize('damage', [_flip_byte_in_largest_file, _truncate_largest_file, _garble_array_metadata,
+                                    _empty_step_dir])
+def test_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, damage):
+  _save_steps(tmp_path, [1, 2, 3])
+  damage(str(tmp_path / 'checkpoints' / '3'))
+  reports = []
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5)
+  state, step = ckpt.restore_latest(_State.at(0), report=reports.append)
+  assert step == 2
+  for k, v in _State.at(2).items():
+    np.testing.assert_array_equal(state[k], v)
+  assert any(r.startswith('Checkpoint step 3 in') and 'is damaged' in r for r in reports), reports
+  assert ckpt.all_steps() == [1, 2] and (tmp_path / 'checkpoints_damaged' / '3').is_dir()
+  ckpt.close()
+
+
+def test_a_flipped_byte_that_orbax_restores_silently_is_caught_by_the_digest(tmp_path):
+  """orbax alone restores this checkpoint without error and with different values; the digest is what notices."""
+  _save_steps(tmp_path, [1])
+  step_dir = tmp_path / 'checkpoints' / '1'
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  _flip_byte_in_largest_file(str(step_dir))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  raw = ckpt.load_arrays(1)  # orbax's own restore: no error ...
+  assert raw['w'].tobytes() != np.asarray(_State.at(1)['w']).tobytes()  # ... and wrong values
+  with pytest.raises(checkpoint.DamagedCheckpointError, match='SHA-256'):
+    ckpt.restore(_State.at(0), 1)
+  assert files  # the flip hit a file of the checkpoint
+  ckpt.close()
+
+
+def test_every_checkpoint_damaged_is_one_clear_error_and_nothing_is_moved(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  for s in (1, 2):
+    _truncate_largest_file(str(tmp_path / 'checkpoints' / str(s)))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpoint.NoUsableCheckpointError, match=r'Every checkpoint .* is damaged \(steps \[1, 2\]\)'):
+    ckpt.restore_latest(_State.at(0), report=lambda _: None)
+  assert isinstance(checkpoint.NoUsableCheckpointError('x'), trainer.USER_ERRORS)
+  assert ckpt.all_steps() == [1, 2] and not (tmp_path / 'checkpoints_damaged').exists()
+  ckpt.close()
+
+
+def test_partially_written_checkpoint_is_never_listed(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  shutil.copytree(tmp_path / 'checkpoints' / '2', tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp')
+  os.remove(tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp' / 'commit_success.txt')
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+  ckpt.manager.save(4, args=checkpoint.ocp.args.StandardSave(_State.at(4)))
+  ckpt.close()
+  assert not (tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp').exists()  # removed before the next save
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [1, 2, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite losses (in process, on one device: the learning rate is patched to infinity at chosen steps).
+
+def _tiny(**overrides):
+  c = config_base.cifar(8)
+  c.data.dataset, c.data.source, c.data.image_size, c.data.pad, c.data.random_flip = 'digits', 'embedded', 8, 1, False
+  c.batch_size, c.bn_group_size, c.num_steps, c.lr_boundaries = 32, 8, 6, (4,)
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 3
+  c.eval_batch_size = 100
+  for k, v in overrides.items():
+    *parents, leaf = k.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _spike_lr_at(monkeypatch, bad_steps):
+  """The learning rate is infinite at the 0-based steps `bad_steps`, so their updates are not finite."""
+  original = train.learning_rate
+
+  def spiky(config, step, warmup_done):
+    bad = jnp.any(jnp.asarray([step == s for s in bad_steps]))
+    return jnp.where(bad, jnp.inf, original(config, step, warmup_done))
+
+  monkeypatch.setattr(train, 'learning_rate', spiky)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _spike_lr_at(monkeypatch, [3])  # the 4th update; the checkpoint at step 3 is the last good one
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer.train_and_evaluate(_tiny(eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
+  msg = str(e.value)
+  assert 'non-finite at step 4 (found at step 6)' in msg and 'Last good checkpoint: step 3 in' in msg
+  assert 'nonfinite_loss=skip' in msg and isinstance(e.value, trainer.USER_ERRORS)
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [3]  # the broken state was not checkpointed
+  assert [r['step'] for r in metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))] == [3]
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
+  _spike_lr_at(monkeypatch, [3, 4])  # updates 4 and 5 are not finite
+  last = trainer.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10,
+                                          eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
+  rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  assert [(r['step'], r['skipped_steps']) for r in rows] == [(3, 0), (6, 2)]
+  assert np.isfinite(rows[1]['train_loss']) and last['step'] == 6
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=10)
+  s3, s5, s6 = (ckpt.load_arrays(s) for s in (3, 5, 6))
+  assert (int(s3['step']), int(s5['step'])) == (3, 5)  # the run moved on to the next batches ...
+  for part in ('params', 'batch_stats', 'opt_state', 'error_ema'):  # ... and dropped the two updates entirely
+    for x, y in zip(jax.tree_util.tree_leaves(s3[part]), jax.tree_util.tree_leaves(s5[part])):
+      np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(s5['params']['head']['kernel'], s6['params']['head']['kernel'])  # update 6 applied
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(s6['params']))
+
+
+def test_a_second_sigint_interrupts_at_once():
+  with trainer._StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one clear error (which main.py prints as one line, exit status 1) and the workdir left as it was.
+
+def _ref_config(**overrides):
+  import runpy
+  c = runpy.run_path(os.path.join(REPO, 'configs', 'digits.py'))['get_config']()
+  for k, v in {**RUN, **overrides}.items():
+    *parents, leaf = k.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _folder(kind):
+  def make(root):
+    write_image_folder(root, size=8, classes=('cat', 'dog'))
+    if kind == 'no images':
+      for d, _, files in os.walk(root / 'train'):
+        for f in files:
+          os.remove(os.path.join(d, f))
+    elif kind == 'unreadable':
+      (root / 'train' / 'dog' / '9.png').write_bytes(b'not a png at all')
+    elif kind == 'classes':
+      shutil.rmtree(root / 'test' / 'dog')
+      write_image_folder(root, splits=('test',), classes=('horse',), size=8)
+  return make
+
+
+BAD_INPUTS = [
+    ('unknown model family', {'model.family': 'vgg'}, None, r"Unknown model family 'vgg'.*valid choices: cifar, imagenet"),
+    ('unknown CIFAR depth', {'model.depth': 21}, None, r'Unknown CIFAR depth 21: CIFAR nets have depth 6n\+2'),
+    ('unknown ImageNet depth', {'model.family': 'imagenet', 'model.depth': 200}, None,
+     r'ImageNet depth.*200.*18, 34, 50, 101, 152'),
+    ('unknown shortcut option', {'model.shortcut': 'D'}, None, r'shortcut option.*valid choices: A, B, C'),
+    ('batch not divisible by the devices', {'batch_size': 30, 'bn_group_size': 0}, None,
+     r'batch_size=30 is not divisible by the 4 devices'),
+    ('batch not divisible by bn_group_size', {'bn_group_size': 12}, None,
+     r'bn_group_size=12 does not divide config.batch_size=32; use a divisor of it \(e.g. 8 or 16\)'),
+    ('bn_group_size larger than the batch', {'bn_group_size': 64}, None,
+     r'bn_group_size=64 must be between 0 \(whole batch\) and config.batch_size=32'),
+    ('zero steps', {'num_steps': 0}, None, r'num_steps=0 must be positive'),
+    ('negative steps', {'num_steps': -5}, None, r'num_steps=-5 must be positive'),
+    ('zero learning rate', {'learning_rate': 0.0}, None, r'learning_rate=0.0 must be positive'),
+    ('negative learning rate', {'learning_rate': -0.1}, None, r'learning_rate=-0.1 must be positive'),
+    ('zero batch', {'batch_size': 0}, None, r'batch_size=0 must be positive'),
+    ('negative batch', {'batch_size': -32}, None, r'batch_size=-32 must be positive'),
+    ('unknown non-finite policy', {'nonfinite_loss': 'ignore'}, None, r"valid choices: stop, skip"),
+    ('missing image folder', {'data.source': 'folder', 'data.data_dir': '/nonexistent/cifar'}, None,
+     r"Expected an image folder at '/nonexistent/cifar'"),
+    ('image folder with no images', {'data.source': 'folder', 'model.num_classes': 2}, _folder('no images'),
+     r'No images .* under .*train/<class>/'),
+    ('unreadable image', {'data.source': 'folder', 'model.num_classes': 2}, _folder('unreadable'),
+     r'Cannot read image .*9\.png'),
+    ('classes differ between splits', {'data.source': 'folder', 'model.num_classes': 2}, _folder('classes'),
+     r"classes of .*test differ .* missing \['dog'\], extra \['horse'\]"),
+    ('resume with another model', {'model.depth': 14, 'data.pad': 2}, None,
+     r'(?s)model or data differ.*data\.pad: checkpoint has 1, this run has 2.*model\.depth.*--force_resume'),
+]
+
+
+@pytest.mark.parametrize('name,overrides,make_folder,message', BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(reference, tmp_path, name, overrides, make_folder,
+                                                                 message):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  before = _snapshot(workdir)
+  if make_folder:
+    make_folder(tmp_path / 'images')
+    overrides = {**overrides, 'data.data_dir': str(tmp_path / 'images')}
+  with pytest.raises(trainer.USER_ERRORS, match=message):
+    trainer.train_and_evaluate(_ref_config(**overrides), str(workdir))
+  assert _snapshot(workdir) == before
+
+
+def test_forced_resume_into_a_different_model_names_the_arrays_that_do_not_fit(reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  before = _snapshot(workdir)
+  with pytest.raises(checkpoint.ConfigMismatchError,
+                     match=r"(?s)checkpoint at step 12 .* does not fit.*\['params'\]\['stage1_block2'\].*"
+                           r"checkpoint <absent>"):
+    trainer.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
+  assert _snapshot(workdir) == before
+
+
+def test_damaged_config_record_in_the_workdir_is_one_clear_error(reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  (workdir / 'config.json').write_text('{"model": {"depth": 8')
+  before = _snapshot(workdir)
+  with pytest.raises(trainer.USER_ERRORS, match=r'config\.json is not valid JSON .* Restore it, or use another'):
+    trainer.train_and_evaluate(_ref_config(), str(workdir))
+  assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('kind', ['under a file', 'read-only'])
+def test_unwritable_workdir_is_refused_and_nothing_is_created(tmp_path, kind):
+  if kind == 'under a file':
+    (tmp_path / 'afile').write_text('x')
+    workdir = tmp_path / 'afile' / 'run'
+  elif os.geteuid() == 0:
+    workdir = '/proc/resnet_jax_workdir/run'  # not writable even for root
+  else:
+    (tmp_path / 'ro').mkdir(mode=0o500)
+    workdir = tmp_path / 'ro' / 'run'
+  with pytest.raises(PermissionError, match='choose another --workdir'):
+    trainer.train_and_evaluate(_ref_config(), str(workdir))
+  assert not os.path.exists(workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mistakes only the command line can make (subprocesses; they stop before any JAX work).
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/nope.py'], r"cannot load the config file 'configs/nope.py': no such file\. Configs: .*"
+                                   r'configs/cifar_110\.py'),
+    (['--config.model.nonsense=3'], r"the config has no field 'nonsense' under config\.model\. Valid fields: "
+                                    r'bn_epsilon, .*shortcut'),
+])
+def test_command_line_mistakes_are_one_clear_message(reference, tmp_path, args, message):
+  import re
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  before = _snapshot(workdir)
+  if args[0].startswith('--config='):
+    out = _main(workdir, config=args[0].split('=', 1)[1])
+  else:
+    out = _main(workdir, *args)
+  assert out.returncode == 1
+  assert re.search(message, out.stderr) and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert _snapshot(workdir) == before
