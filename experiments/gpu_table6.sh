@@ -8,14 +8,16 @@
 # 2. Device tool:  run(command="bash experiments/gpu_table6.sh", carry=[".carry"], timeout_s=600)
 #    Each net trains in its own process, all at once on the one GPU (these small nets leave a GPU mostly idle, so
 #    two processes fill it better than one after the other). At BUDGET seconds every process gets SIGTERM: the
-#    trainer checkpoints and stops cleanly. Then the report is written, and the runs (metrics, configs, the latest
-#    checkpoint only) are packed into $OUT/runs.tar.gz.
-# 3. If the report says CUT SHORT: copy runs.tar.gz from the reply's files_at into .carry/ and make the same call
-#    again; the runs are unpacked and resumed from their checkpoints (finished ones are skipped).
+#    trainer checkpoints and stops cleanly. Then Fig. 7 and the report are written, and each run (metrics, config,
+#    its training log, the latest checkpoint only) is packed into $OUT/runs_<net>.tar.gz (ResNet-56: ~7 MB).
+# 3. If the report says CUT SHORT: copy the runs_*.tar.gz from the reply's files_at into .carry/ and make the same
+#    call again; the runs are unpacked and resumed from their checkpoints (finished ones are skipped).
+# The device tool returns at most 8 files: gpu_table6.log, report.md, table6/fig6.png, table6/fig7.png and one
+# tarball per net, so at most 4 nets per call.
 #
 # Data: the 50k CIFAR-10 training JPEGs split 45k/5k (the split the paper chose its schedule on); the CIFAR-10 test
 # split is not in the tarball, so the errors are on the 5k validation images, and the report says "val".
-# Environment knobs: NETS (default resnet-20,resnet-56), BUDGET (seconds of training, default 500), STEPS (0 = the
+# Environment knobs: NETS (default resnet-20,resnet-56), BUDGET (seconds of training, default 480), STEPS (0 = the
 # paper's 64k), SEEDS (default 0), DATA_DIR (an extracted CIFAR folder; skips the tarball), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ fi
 
 OUT=${OUT:-/tmp/gpu_table6_out}
 NETS=${NETS:-resnet-20,resnet-56}
-BUDGET=${BUDGET:-500}
+BUDGET=${BUDGET:-480}
 STEPS=${STEPS:-0}
 SEEDS=${SEEDS:-0}
 PYTHON=${PYTHON:-python3}
@@ -57,25 +59,29 @@ if [ -z "${DATA_DIR:-}" ]; then
   mkdir -p /tmp/data && tar xzf .carry/cifar10-train-jpg.tar.gz -C /tmp/data || { echo "no .carry/cifar10-train-jpg.tar.gz: run --prepare here first"; exit 1; }
   DATA_DIR=/tmp/data/cifar10
 fi
-if [ -f .carry/runs.tar.gz ]; then
-  echo "== resuming from .carry/runs.tar.gz"
-  tar xzf .carry/runs.tar.gz -C "$RUNS"
-fi
+for tarball in .carry/runs_*.tar.gz; do
+  [ -f "$tarball" ] || continue
+  echo "== resuming from $tarball"
+  tar xzf "$tarball" -C "$RUNS"
+done
 
 # Each process may take the memory it needs, not 75% of the GPU (the JAX default), so the processes can share it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 pids=()
 for net in ${NETS//,/ }; do
+  mkdir -p "$RUNS/table6/$net"
   timeout --signal=TERM --kill-after=60 "$BUDGET" $PYTHON -m experiments.table6 --runs_dir "$RUNS" --nets "$net" \
     --seeds "$SEEDS" --steps "$STEPS" --set data.source=folder --set "data.data_dir=$DATA_DIR" \
-    --set data.val_examples=5000 --set keep_checkpoints=1 > "$OUT/$net.log" 2>&1 &
+    --set data.val_examples=5000 --set keep_checkpoints=1 >> "$RUNS/table6/$net/train.log" 2>&1 &
   pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; echo "process $pid exited with $?"; done
-for net in ${NETS//,/ }; do echo "== $net"; grep -v '^WARNING' "$OUT/$net.log" | tail -n 4; done
+for pid in "${pids[@]}"; do wait "$pid"; echo "process $pid exited with $? (3: stopped at the budget, resumable)"; done
+for net in ${NETS//,/ }; do echo "== $net"; grep -v '^WARNING' "$RUNS/table6/$net/train.log" | tail -n 4; done
 
-$PYTHON -m experiments.report "$RUNS" --out "$OUT/report.md"
-cp "$RUNS"/table6/fig6.png "$OUT/fig6.png" 2>/dev/null
-# Pack what a resume needs: every file but older checkpoints (keep_checkpoints=1 keeps only the latest anyway).
-tar czf "$OUT/runs.tar.gz" -C "$RUNS" . && ls -la "$OUT"
+mkdir -p "$OUT/table6"
+$PYTHON -m experiments.fig7 "$RUNS/table6" && cp "$RUNS/table6/fig7.png" "$OUT/table6/"
+$PYTHON -m experiments.report "$RUNS" && cp "$RUNS/report.md" "$OUT/" && cp "$RUNS/table6/fig6.png" "$OUT/table6/"
+# What a resume needs, one tarball per net (keep_checkpoints=1: only the latest checkpoint is there).
+for net in ${NETS//,/ }; do tar czf "$OUT/runs_$net.tar.gz" -C "$RUNS" "table6/$net"; done
+ls -la "$OUT"
 cat "$OUT/report.md"
