@@ -120,8 +120,8 @@ def _row(net: str, runs: list, status: str) -> str:
   ref = paper.paper_error(first.dataset, first.family, net)
   if ref is not None:
     ref_s = f'{ref:.2f}'
-    diff = f'{statistics.mean(errors) - ref:+.2f}' if errors else '—'
-    if first.split != 'test':
+    diff = f'{statistics.mean(errors) - ref:+.2f}' if errors and status.startswith('finished') else '—'
+    if diff != '—' and first.split != 'test':
       diff += ' (val vs test)'
   else:
     ref_s, diff = '—', '—'
@@ -130,7 +130,8 @@ def _row(net: str, runs: list, status: str) -> str:
   walls = [r.wall_seconds for r in runs if r.wall_seconds is not None]
   wall_s = _fmt_wall(statistics.mean(walls)) if walls else 'n/a'
   seeds = ','.join(str(r.seed) for r in runs)
-  notes = [status] + sorted({r.note for r in runs if r.note})
+  notes = [status] + sorted({r.recipe for r in runs if r.recipe != 'full recipe'}) + sorted(
+      {r.note for r in runs if r.note})
   return (f'| {net} | {seeds} | {ours} | {_mean_std(trains) if trains else "—"} | {first.split} | {ref_s} | '
           f'{diff} | {steps_s} | {wall_s} | {"; ".join(notes)} |')
 

@@ -190,12 +190,13 @@ def test_report_puts_ours_next_to_the_paper_and_labels_cut_runs(tmp_path):
   # The cut run is on its own row, labelled, and not averaged with the finished seed.
   cut = next(l for l in lines if l.startswith('| resnet-56 | 0 |'))
   assert 'CUT SHORT: seed 0 stopped at step 30000 of 64000' in cut and '| 20.00 |' in cut
+  assert '| 6.97 | — |' in cut  # no difference from the paper for a run that did not finish
   done = next(l for l in lines if l.startswith('| resnet-56 | 1 |'))
   assert '| 7.00 |' in done and '| 6.97 | +0.03 |' in done
   # No paper number for plain nets; a validation error is labelled as such.
   plain = next(l for l in lines if l.startswith('| plain-20 |'))
   assert '| val | — | — |' in plain and '0m59s' in plain
-  assert "reduced recipe: 200 of the paper's 64000 steps" in text
+  assert "reduced recipe: 200 of the paper's 64000 steps" in plain
   assert 'no paper recipe for digits' in text and 'embedded digits' in text
   assert 'hardware: 1 x H100 (gpu)' in text
   assert '![Fig. 6 style curves of table6](table6/fig6.png)' in text
