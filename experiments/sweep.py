@@ -149,7 +149,9 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
     outcome = 'error'  # what run_info says if the trainer raises anything else (the exception propagates)
     try:
       last = trainer.train_and_evaluate(spec.config, workdir)
-      outcome = 'stopped' if last.get('step', spec.config.num_steps) < spec.config.num_steps else 'finished'
+      # A signal ends the run early: the trainer says so ('stopped_by_signal'), or its last step is short.
+      stopped = last.get('stopped_by_signal') or last.get('step', spec.config.num_steps) < spec.config.num_steps
+      outcome = 'stopped' if stopped else 'finished'
     except trainer.NonFiniteLossError as e:
       log(f'[diverged] {workdir}: {e}')
       outcome = 'diverged'

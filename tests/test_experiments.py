@@ -58,9 +58,9 @@ def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
   from resnet_jax import trainer
   calls = []
 
-  def fake_train(config, workdir):  # as the trainer returns after SIGTERM: the step it checkpointed
+  def fake_train(config, workdir):  # as the trainer returns after a SIGTERM before its first log point
     calls.append(workdir)
-    return {'step': 2}
+    return {'stopped_by_signal': 15}
 
   monkeypatch.setattr(trainer, 'train_and_evaluate', fake_train)
   results = sweep.run_sweep([_spec('a'), _spec('b')], str(tmp_path), log=lambda *_: None)
