@@ -1,0 +1,223 @@
+"""Turns finished (and unfinished) runs into a Markdown report next to the paper's numbers.
+
+  python -m experiments.report RUNS_DIR [--out RUNS_DIR/report.md]
+
+Reads RUNS_DIR/<experiment>/<net>/seed<k>/{config.json, metrics.jsonl, run_info.json}. Per experiment and net:
+our final error (mean +- std over the seeds that finished), the split it was measured on, the paper's number, the
+difference, steps run, wall time; runs cut short (fewer steps than they planned) are listed on their own rows,
+labelled, and never averaged with finished ones; shortened recipes are labelled as such. Writes fig6.png per
+experiment (Fig. 6 style) and embeds it, and embeds fig7.png where `experiments.fig7` has written one.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+
+from experiments import paper, plots, sweep
+from resnet_jax import metrics_io
+
+
+@dataclasses.dataclass
+class Run:
+  experiment: str
+  net: str
+  seed: int
+  workdir: str
+  dataset: str
+  family: str
+  planned_steps: int
+  steps_run: int
+  error: float | None       # final held-out error (%), None when no evaluation was logged
+  train_error: float | None  # training error (%) of the last logged window
+  split: str                # 'test' or 'val'
+  wall_seconds: float | None
+  note: str
+  device: str
+  rows: list
+
+  @property
+  def finished(self) -> bool:
+    return self.error is not None and self.steps_run >= self.planned_steps
+
+  @property
+  def recipe(self) -> str:
+    full = paper.RECIPE_STEPS.get(self.dataset)
+    if full is None:
+      return f'{self.planned_steps} steps (no paper recipe for {self.dataset})'
+    if self.planned_steps < full:
+      return f'reduced recipe: {self.planned_steps} of the paper\'s {full} steps'
+    return 'full recipe'
+
+
+def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | None:
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    return None
+  with open(config_path) as f:
+    config = json.load(f)
+  rows = metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  info = sweep.read_run_info(workdir)
+  evals = [r for r in rows if 'test_error' in r or 'val_error' in r]
+  last_eval = evals[-1] if evals else None
+  split = 'test' if last_eval and 'test_error' in last_eval else 'val'
+  trains = [r for r in rows if 'train_error' in r]
+  try:
+    seed = int(seed_dir.removeprefix('seed'))
+  except ValueError:
+    seed = config.get('seed', 0)
+  return Run(experiment=experiment, net=net, seed=seed, workdir=workdir, dataset=config['data']['dataset'],
+             family=config['model']['family'], planned_steps=int(config['num_steps']),
+             steps_run=max((r['step'] for r in rows), default=0),
+             error=100 * last_eval[f'{split}_error'] if last_eval else None,
+             train_error=100 * trains[-1]['train_error'] if trains else None, split=split,
+             wall_seconds=info.get('wall_seconds'), note=info.get('note', ''), device=info.get('device', ''),
+             rows=rows)
+
+
+def collect(runs_dir: str) -> dict:
+  """experiment -> net -> [Run, ...] for every run folder under runs_dir."""
+  if not os.path.isdir(runs_dir):
+    raise FileNotFoundError(f'No runs folder {runs_dir!r}; run an experiment first, e.g. '
+                            'python -m experiments.digits_degradation --runs_dir runs.')
+  out = {}
+  for experiment in sorted(os.listdir(runs_dir)):
+    exp_dir = os.path.join(runs_dir, experiment)
+    if not os.path.isdir(exp_dir):
+      continue
+    for net in sorted(os.listdir(exp_dir)):
+      net_dir = os.path.join(exp_dir, net)
+      if not os.path.isdir(net_dir):
+        continue
+      for seed_dir in sorted(os.listdir(net_dir)):
+        run = load_run(experiment, net, seed_dir, os.path.join(net_dir, seed_dir))
+        if run is not None:
+          out.setdefault(experiment, {}).setdefault(net, []).append(run)
+  return out
+
+
+def _fmt_wall(seconds) -> str:
+  if seconds is None:
+    return 'n/a'
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
+
+
+def _mean_std(values) -> str:
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def _row(net: str, runs: list, status: str) -> str:
+  errors = [r.error for r in runs if r.error is not None]
+  trains = [r.train_error for r in runs if r.train_error is not None]
+  first = runs[0]
+  ours = _mean_std(errors) if errors else 'no evaluation yet'
+  ref = paper.paper_error(first.dataset, first.family, net)
+  if ref is not None:
+    ref_s = f'{ref:.2f}'
+    diff = f'{statistics.mean(errors) - ref:+.2f}' if errors and status.startswith('finished') else '—'
+    if diff != '—' and first.split != 'test':
+      diff += ' (val vs test)'
+  else:
+    ref_s, diff = '—', '—'
+  steps = sorted({r.steps_run for r in runs})
+  steps_s = '/'.join(str(s) for s in steps) + f' of {first.planned_steps}'
+  walls = [r.wall_seconds for r in runs if r.wall_seconds is not None]
+  wall_s = _fmt_wall(statistics.mean(walls)) if walls else 'n/a'
+  seeds = ','.join(str(r.seed) for r in runs)
+  notes = [status] + sorted({r.recipe for r in runs if r.recipe != 'full recipe'}) + sorted(
+      {r.note for r in runs if r.note})
+  return (f'| {net} | {seeds} | {ours} | {_mean_std(trains) if trains else "—"} | {first.split} | {ref_s} | '
+          f'{diff} | {steps_s} | {wall_s} | {"; ".join(notes)} |')
+
+
+def _reference_notes(nets, runs) -> list:
+  families = {r.family for r in runs}
+  datasets = {r.dataset for r in runs}
+  lines = []
+  if 'cifar' in families:
+    lines += [f'- {n}: {paper.TABLE6_NOTES[n]}.' for n in nets if n in paper.TABLE6_NOTES]
+    if any(n.startswith('plain') for n in nets):
+      lines.append(f'- plain nets: {paper.FIG6_PLAIN_NOTE}.')
+  if 'imagenet' in families and datasets != {'imagenet2012'}:
+    ref = ', '.join(f'{n} {e:.2f}' for n, e in paper.TABLE3_TOP1_ERROR.items() if n in nets)
+    lines.append(f'- Not ImageNet ({", ".join(sorted(datasets))}): not comparable with the paper. For reference '
+                 f'only, Table 3 top-1 errors on ImageNet (10-crop): {ref}.')
+  return lines
+
+
+def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
+  experiments = collect(runs_dir)
+  out_dir = os.path.dirname(os.path.abspath(out_path))
+  lines = [f'# Results under `{runs_dir}`', '',
+           f'Generated {datetime.date.today().isoformat()} by `python -m experiments.report {runs_dir}`. '
+           'Errors in %, at the last step each run logged (never the best checkpoint). "train" is the training '
+           'error of the last logged window (augmented batches). "held-out" is the test split where the data has '
+           'one, else the validation hold-out (then compared with the paper\'s test error only as a rough guide). '
+           'Seeds that did not finish are listed on their own rows and never averaged with finished ones.', '']
+  if not experiments:
+    lines.append('No runs found.')
+  for experiment, nets in experiments.items():
+    exp_dir = os.path.join(runs_dir, experiment)
+    all_runs = [r for rs in nets.values() for r in rs]
+    devices = sorted({r.device for r in all_runs if r.device})
+    lines += [f'## {experiment}', '',
+              f'Dataset: {", ".join(sorted({r.dataset for r in all_runs}))}; recipe: '
+              f'{"; ".join(sorted({r.recipe for r in all_runs}))}; hardware: {", ".join(devices) or "not recorded"}.',
+              '',
+              '| net | seeds | held-out error | train error | split | paper | ours − paper | steps | wall time '
+              '(per run) | status |',
+              '|---|---|---|---|---|---|---|---|---|---|']
+    for net in sorted(nets, key=plots_order):
+      runs = nets[net]
+      done = [r for r in runs if r.finished]
+      cut = [r for r in runs if not r.finished]
+      if done:
+        lines.append(_row(net, done, 'finished' if len(done) > 1 else 'finished (1 seed)'))
+      if cut:
+        lines.append(_row(net, cut, 'CUT SHORT: ' + ', '.join(
+            f'seed {r.seed} stopped at step {r.steps_run} of {r.planned_steps}' for r in cut)))
+    lines.append('')
+    lines += _reference_notes(sorted(nets, key=plots_order), all_runs)
+    if plot:
+      curves = {net: rs[0].rows for net, rs in nets.items() if rs[0].rows}
+      fig6 = os.path.join(exp_dir, 'fig6.png')
+      if plots.plot_fig6(curves, fig6, experiment):
+        lines += ['', f'![Fig. 6 style curves of {experiment}]({os.path.relpath(fig6, out_dir)})']
+    fig7 = os.path.join(exp_dir, 'fig7.png')
+    if os.path.exists(fig7):
+      lines += ['', f'![Fig. 7 style layer responses of {experiment}]({os.path.relpath(fig7, out_dir)})']
+    lines.append('')
+  text = '\n'.join(lines) + '\n'
+  with open(out_path, 'w') as f:
+    f.write(text)
+  return text
+
+
+def plots_order(net: str):
+  kind, _, rest = net.partition('-')
+  digits = ''.join(ch for ch in rest.split('-')[0] if ch.isdigit())
+  return (kind, int(digits) if digits else 0, rest)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('runs_dir')
+  parser.add_argument('--out', default='', help='Markdown file to write (default: RUNS_DIR/report.md).')
+  parser.add_argument('--no_plots', action='store_true')
+  args = parser.parse_args(argv)
+  out = args.out or os.path.join(args.runs_dir, 'report.md')
+  try:
+    render(args.runs_dir, out, plot=not args.no_plots)
+  except sweep.USER_ERRORS as e:
+    sys.exit(f'error: {e}')
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
