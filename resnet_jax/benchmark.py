@@ -115,7 +115,10 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
   loss = float(jax.device_get(state.train_sums['loss'])) / float(jax.device_get(state.train_sums['count']))
 
   step_time = statistics.median(windows)
-  params, macs = summary.count(config.model, config.data.image_size)
+  unrolled = config.model.copy_and_resolve_references()
+  if 'scan_blocks' in unrolled:
+    unrolled.scan_blocks = False  # summary counts each conv call it sees; a scanned block is traced once
+  params, macs = summary.count(unrolled, config.data.image_size)
   images_per_sec = config.batch_size / step_time
   model_flops = 6 * macs * images_per_sec
   device = jax.devices()[0] if devices is None else devices[0]
@@ -125,6 +128,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
       config=dict(family=config.model.family, depth=config.model.depth, residual=config.model.residual,
                   shortcut=config.model.shortcut, dtype=config.model.dtype, batch_size=config.batch_size,
                   bn_group_size=config.bn_group_size, image_size=config.data.image_size,
+                  scan_blocks=bool(config.model.get('scan_blocks', False)),
                   loss_scale=bool(config.get('loss_scale', {}).get('enabled', False))),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
                   host=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),

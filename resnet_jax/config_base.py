@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.zero_init_last_bn = False  # not in the paper
   c.model.bn_momentum = 0.9         # moving-average decay for evaluation statistics (PyTorch's 0.1)
   c.model.bn_epsilon = 1e-5
+  c.model.scan_blocks = False       # compile-time option: scan over a stage's identical blocks (stacked params)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'cifar10'

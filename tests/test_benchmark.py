@@ -125,3 +125,41 @@ def test_overflowing_step_is_skipped_and_halves_the_scale():
   for a, b in zip(_leaves(after), _leaves(init)):  # parameters, BN statistics and momentum untouched
     np.testing.assert_array_equal(a, b)
   assert int(after.step) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scanning over identical blocks (compile-time option).
+
+def _stack_unrolled_into_scanned(unrolled, scanned_shapes):
+  """Maps an unrolled variable tree onto the scanned layout: blocks 2..n of a stage stacked on a leading axis."""
+  out = {}
+  for name in scanned_shapes:
+    if '_blocks' in name:  # 'stage1_blocks2to3'
+      stage, rng = name.split('_blocks')
+      first, last = map(int, rng.split('to'))
+      blocks = [unrolled[f'{stage}_block{b}'] for b in range(first, last + 1)]
+      out[name] = {'block': jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+    else:
+      out[name] = unrolled[name]
+  return out
+
+
+def test_scanned_blocks_compute_the_same_network():
+  config = tiny_config(**{'model.depth': 20})  # 3 blocks per stage: 1 unrolled + a scan of 2
+  plain = models.create_model(config.model, bn_group_size=8)
+  config.model.scan_blocks = True
+  scanned = models.create_model(config.model, bn_group_size=8)
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3)) + 0.5
+  v_plain = jax.jit(lambda: plain.init(jax.random.key(0), x, train=False))()
+  v_scan_shapes = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, train=False))
+  assert 'stage2_blocks2to3' in v_scan_shapes['params'] and 'stage2_block2' not in v_scan_shapes['params']
+  assert sum(a.size for a in jax.tree_util.tree_leaves(v_scan_shapes)) == sum(
+      a.size for a in jax.tree_util.tree_leaves(v_plain))
+  v_scan = {k: _stack_unrolled_into_scanned(v_plain[k], v_scan_shapes[k]) for k in v_plain}
+  run = lambda m, v: jax.jit(lambda v: m.apply(v, x, train=True, mutable=['batch_stats']))(v)
+  (y_plain, s_plain), (y_scan, s_scan) = run(plain, v_plain), run(scanned, v_scan)
+  np.testing.assert_allclose(y_scan, y_plain, rtol=1e-5, atol=1e-5)
+  # The moving averages of the scanned blocks land in the same (stacked) places.
+  s_expected = _stack_unrolled_into_scanned(s_plain['batch_stats'], s_scan['batch_stats'])
+  for a, b in zip(jax.tree_util.tree_leaves(s_scan['batch_stats']), jax.tree_util.tree_leaves(s_expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
