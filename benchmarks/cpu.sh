@@ -19,7 +19,11 @@ for depth in 20 56 110; do
     --torch-python=$TORCH_PY --torch-channels-last --out "$RES"
 done
 echo "load: $(uptime)"
-echo "=== ResNet-1202 (ours): compile time and step time"
-PYTHONPATH=$PWD $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_1202.py --steps=1 --repeats=2 --warmup=1 \
-  --json | tail -1 | tee "$OUT/cpu_1202.json"
-echo "load: $(uptime)"
+if [[ -z "${SKIP_1202:-}" ]]; then
+  for scan in False True; do
+    echo "=== ResNet-1202 (ours, scan_blocks=$scan): compile time and step time"
+    PYTHONPATH=$PWD $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_1202.py --steps=1 --repeats=2 \
+      --warmup=1 --config.model.scan_blocks=$scan --json | tail -1 | tee "$OUT/cpu_1202_scan_$scan.json"
+    echo "load: $(uptime)"
+  done
+fi
