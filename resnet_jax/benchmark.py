@@ -74,6 +74,30 @@ def _block(tree):
   jax.block_until_ready(tree)
 
 
+def compile_only(config, devices=None) -> dict:
+  """Lowers and compiles the training step from abstract shapes only (no initialisation, no data): the compile
+  cost of a network too deep to train here."""
+  config = config.copy_and_resolve_references()
+  mesh = train.make_mesh(devices)
+  train.validate(config, mesh.devices.size)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  images, labels, mean = synthetic_data(config, examples=config.batch_size)
+  replicated = NamedSharding(mesh, P())
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+  state = jax.eval_shape(lambda: train.init_state(config, model, images.shape[1:], config.model.num_classes))
+  state = jax.tree_util.tree_map(spec, state)
+  c0, t0 = time.process_time(), time.perf_counter()
+  lowered = train.make_train_step(config, model, mesh).lower(state, spec(images), spec(labels), spec(mean))
+  t1 = time.perf_counter()
+  lowered.compile()
+  c2, t2 = time.process_time(), time.perf_counter()
+  return dict(config=dict(family=config.model.family, depth=config.model.depth, dtype=config.model.dtype,
+                          batch_size=config.batch_size, scan_blocks=bool(config.model.get('scan_blocks', False))),
+              device=dict(platform=jax.devices()[0].platform, kind=jax.devices()[0].device_kind),
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              lower_s=t1 - t0, compile_s=t2 - t1, lower_and_compile_cpu_s=c2 - c0)
+
+
 def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 512, examples: int = 0,
         devices=None) -> dict:
   """Compiles and times the training step of `config`; returns the measurements as a dict (see module doc)."""
@@ -168,6 +192,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _POOL = flags.DEFINE_integer('pool', 512, 'ImageNet configs: synthetic images kept on the devices.')
 _EXAMPLES = flags.DEFINE_integer('examples', 0, 'CIFAR-family configs: size of the synthetic training set '
                                  '(0: the dataset\'s, 50,000 for CIFAR-10).')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, 'Only lower and compile the step (from shapes, no '
+                                   'initialisation) and report the times.')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'Use the first N devices (0: all).')
 
 
@@ -177,6 +203,12 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/cifar_20.py')
   devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
+  if _COMPILE_ONLY.value:
+    result = compile_only(_CONFIG.value, devices)
+    print(json.dumps(result) if _JSON.value else
+          f'compile {result["compile_s"]:.1f} s + lowering {result["lower_s"]:.1f} s '
+          f'({result["lower_and_compile_cpu_s"]:.1f} s of process CPU time)', flush=True)
+    return
   try:
     result = run(_CONFIG.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _POOL.value, _EXAMPLES.value,
                  devices)
