@@ -101,10 +101,11 @@ def main():
     j, t = r['ours'], r['pytorch']
     name = f'{r["net"]} ResNet-{r["depth"]}'
     fmt = lambda d, k, s=1e3: f'{s * d[k]:.1f}' if 'error' not in d else 'error'
+    ratio = f'{r["ratio"]:.2f}' if r['ratio'] else '-'
+    recipe = f'{(64_000 * j["step_time_s"] + j["compile_s"]) / 60:.1f}' if 'error' not in j else '-'
     print(f'{name:<18} {r["dtype"]:<9} {fmt(j, "step_time_s"):>9} {fmt(j, "images_per_sec", 1):>11} '
-          f'{fmt(t, "step_time_s"):>9} {fmt(t, "images_per_sec", 1):>12} '
-          f'{(f"{r["ratio"]:.2f}" if r["ratio"] else "-"):>6}  {fmt(j, "compile_s", 1):>14} '
-          f'{(f"{(64_000 * j["step_time_s"] + j["compile_s"]) / 60:.1f}" if "error" not in j else "-"):>14}')
+          f'{fmt(t, "step_time_s"):>9} {fmt(t, "images_per_sec", 1):>12} {ratio:>6}  '
+          f'{fmt(j, "compile_s", 1):>14} {recipe:>14}')
     for side, d in (('ours', j), ('pytorch', t)):
       if 'error' in d:
         print(f'  {side} failed: {d["error"]}')
