@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.zero_init_last_bn = False  # not in the paper
   c.model.bn_momentum = 0.9         # moving-average decay for evaluation statistics (PyTorch's 0.1)
   c.model.bn_epsilon = 1e-5
+  c.model.scan_blocks = False       # compile-time option: scan over a stage's identical blocks (stacked params)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'cifar10'
@@ -53,6 +54,16 @@ def base() -> ml_collections.ConfigDict:
   c.warmup.until_error = 0.8
   c.warmup.ema = 0.9
   c.warmup.max_steps = 2_000
+
+  # Dynamic loss scaling for float16 compute (model.dtype='float16'; not in the paper, which trained in float32).
+  # The loss is multiplied by `scale` before the backward pass and the gradients divided by it; a step whose
+  # gradients overflow is skipped (parameters, momentum and BN statistics kept) and halves the scale; after
+  # `growth_interval` finite steps in a row the scale doubles. bfloat16 has float32's range and needs none.
+  c.loss_scale = ml_collections.ConfigDict()
+  c.loss_scale.enabled = False
+  c.loss_scale.initial = 2.0 ** 15
+  c.loss_scale.growth_interval = 2_000
+  c.loss_scale.factor = 2.0
 
   # The paper's CIFAR runs normalised each BN over 64 examples per GPU (batch 128 on 2 GPUs). 0 = whole batch.
   c.bn_group_size = 64

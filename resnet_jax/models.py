@@ -135,6 +135,15 @@ class BottleneckBlock(nn.Module):
     return nn.relu(y)
 
 
+class _ScanBody(nn.Module):
+  """One stride-1 block as the body of `nn.scan` (ResNet.scan_blocks): carry in, carry out."""
+  block: ModuleDef
+
+  @nn.compact
+  def __call__(self, x, _):
+    return self.block(strides=1, name='block')(x), None
+
+
 class ResNet(nn.Module):
   """A residual or plain network. `stem='cifar'`: one 3x3 conv; `stem='imagenet'`: 7x7/2 conv and 3x3/2 max pool.
 
@@ -151,6 +160,10 @@ class ResNet(nn.Module):
     bn_momentum, bn_epsilon: BatchNorm moving-average decay and epsilon.
     zero_init_last_bn: initialise the last BN scale of each block to zero (not in the paper; off by default).
     dtype: compute dtype; parameters and BN statistics stay float32.
+    scan_blocks: run the identical blocks of a stage (all but its first) as one `nn.scan`, so the compiler sees
+      one block per stage instead of n (compile time of the deep CIFAR nets). The arithmetic is the same, but
+      their parameters are stacked under `stage{S}_blocks{2}to{n}/block/...` with a leading block axis, so
+      checkpoints differ from the default layout; off by default.
   """
   stage_sizes: Sequence[int]
   stage_filters: Sequence[int]
@@ -165,6 +178,7 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
   dtype: Any = jnp.float32
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -184,11 +198,16 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     for s, (blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
-      for b in range(blocks):
+      block = functools.partial(self.block_cls, filters=filters, shortcut=self.shortcut if self.residual else None,
+                                conv=conv, norm=norm, last_norm=last_norm, stride_on_3x3=self.stride_on_3x3)
+      unrolled = 1 if self.scan_blocks and blocks > 2 else blocks
+      for b in range(unrolled):
         strides = 2 if (s > 0 and b == 0) else 1
-        x = self.block_cls(filters=filters, strides=strides, shortcut=self.shortcut if self.residual else None,
-                           conv=conv, norm=norm, last_norm=last_norm, stride_on_3x3=self.stride_on_3x3,
-                           name=f'stage{s + 1}_block{b + 1}')(x)
+        x = block(strides=strides, name=f'stage{s + 1}_block{b + 1}')(x)
+      if unrolled < blocks:
+        scan = nn.scan(_ScanBody, variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
+                       split_rngs={'params': True}, length=blocks - unrolled)
+        x, _ = scan(block, name=f'stage{s + 1}_blocks{unrolled + 1}to{blocks}')(x, None)
 
     x = jnp.mean(x, axis=(1, 2))  # global average pooling
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
@@ -235,4 +254,4 @@ def create_model(model_config, bn_group_size: int = 0, dtype: str | None = None)
       stride_on_3x3=model_config.bottleneck == 'v1.5', bn_group_size=bn_group_size,
       bn_momentum=model_config.get('bn_momentum', 0.9), bn_epsilon=model_config.get('bn_epsilon', 1e-5),
       zero_init_last_bn=model_config.get('zero_init_last_bn', False),
-      dtype=DTYPES[dtype or model_config.dtype])
+      dtype=DTYPES[dtype or model_config.dtype], scan_blocks=model_config.get('scan_blocks', False))

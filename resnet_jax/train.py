@@ -31,6 +31,7 @@ class TrainState:
   warmup_done: jax.Array   # ResNet-110/1202: has the lr returned from the warm-up value (Sec. 4.2)?
   error_ema: jax.Array     # moving average of the batch training error that decides the warm-up
   train_sums: Any          # loss and error sums since the last log point (checkpointed: windows survive a resume)
+  loss_scale: Any = None   # float16 dynamic loss scaling {'scale', 'good_steps'}; None (no leaves) when disabled
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,6 +61,12 @@ def validate(config, num_devices: int) -> None:
     divisors = [d for d in range(2, b) if b % d == 0][-2:]
     raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
                      f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
+  ls = config.get('loss_scale')
+  if ls and ls.enabled and config.model.dtype != 'float16':
+    raise ValueError(f'config.loss_scale.enabled applies to float16 compute only, but config.model.dtype='
+                     f'{config.model.dtype!r}; set --config.model.dtype=float16 or disable loss scaling.')
+  if ls and ls.enabled and (ls.initial <= 0 or ls.factor <= 1 or ls.growth_interval <= 0):
+    raise ValueError('config.loss_scale needs initial > 0, factor > 1 and growth_interval > 0.')
   per_device = b // num_devices
   if g and per_device % g and g % per_device:
     raise ValueError(f'config.bn_group_size={g} neither divides nor is a multiple of the {per_device} examples '
@@ -112,6 +119,25 @@ def zero_sums():
           'nonfinite': jnp.zeros((), jnp.int32), 'first_nonfinite': jnp.zeros((), jnp.int32)}
 
 
+def init_loss_scale(config):
+  if not (config.get('loss_scale') and config.loss_scale.enabled):
+    return None
+  return {'scale': jnp.asarray(config.loss_scale.initial, jnp.float32), 'good_steps': jnp.zeros((), jnp.int32)}
+
+
+def update_loss_scale(config, loss_scale, grads):
+  """Unscales `grads`; returns (grads, all finite?, next loss-scale state): halve on overflow, grow by `factor`
+  after `growth_interval` finite steps in a row."""
+  scale = loss_scale['scale']
+  grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
+  finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+  good = jnp.where(finite, loss_scale['good_steps'] + 1, 0)
+  grow = good >= config.loss_scale.growth_interval
+  new_scale = jnp.where(finite, jnp.where(grow, scale * config.loss_scale.factor, scale),
+                        jnp.maximum(scale / config.loss_scale.factor, 1.0))
+  return grads, finite, {'scale': new_scale, 'good_steps': jnp.where(grow, 0, good)}
+
+
 def init_state(config, model, image_shape, num_classes: int) -> TrainState:
   variables = model.init(jax.random.key(config.seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32),
                          train=False)
@@ -119,7 +145,8 @@ def init_state(config, model, image_shape, num_classes: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=make_optimizer(config, params).init(params),
                     warmup_done=jnp.asarray(not config.warmup.enabled),
-                    error_ema=jnp.asarray(1.0 - 1.0 / num_classes, jnp.float32), train_sums=zero_sums())
+                    error_ema=jnp.asarray(1.0 - 1.0 / num_classes, jnp.float32), train_sums=zero_sums(),
+                    loss_scale=init_loss_scale(config))
 
 
 def batch_indices(config, num_examples: int, step):
@@ -148,12 +175,21 @@ def train_step(config, model, mesh, state: TrainState, images, labels, mean):
   def loss_fn(params):
     logits, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
                                    mutable=['batch_stats'])
-    return cross_entropy(logits, y).mean(), (logits, new_vars['batch_stats'])
+    loss = cross_entropy(logits, y).mean()
+    scaled = loss if state.loss_scale is None else loss * state.loss_scale['scale']
+    return scaled, (loss, logits, new_vars['batch_stats'])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  loss_scale = state.loss_scale
+  if loss_scale is not None:
+    grads, finite, loss_scale = update_loss_scale(config, loss_scale, grads)
   updates, opt_state = make_optimizer(config, state.params).update(grads, state.opt_state, state.params)
   lr = learning_rate(config, state.step, state.warmup_done)
   params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+  if loss_scale is not None:  # an overflowing step changes nothing but the scale
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state, batch_stats = keep((params, opt_state, batch_stats),
+                                          (state.params, state.opt_state, state.batch_stats))
 
   errors = jnp.sum(jnp.argmax(logits, -1) != y).astype(jnp.float32)
   n = float(config.batch_size)
@@ -162,7 +198,7 @@ def train_step(config, model, mesh, state: TrainState, images, labels, mean):
   sums = {**sums, 'loss': sums['loss'] + loss * n, 'errors': sums['errors'] + errors, 'count': sums['count'] + n,
           'lr': lr}
   new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                   warmup_done=warmup_done, error_ema=error_ema, train_sums=sums)
+                   warmup_done=warmup_done, error_ema=error_ema, train_sums=sums, loss_scale=loss_scale)
   return guard_nonfinite(config, state, new, loss)
 
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The CPU rows of docs/performance.md: CIFAR ResNet-20/56/110, ours vs PyTorch eager (float32, batch 128), and
+# ResNet-1202's compile and step time. Results: $OUT/cpu_results.jsonl and $OUT/cpu.log.
+#   JAX_PY=/path/to/venv-with-jax/bin/python TORCH_PY=/path/to/venv-with-torch/bin/python benchmarks/cpu.sh
+# Default: both sides pinned to ONE core (taskset -c 0; PyTorch --threads=1), one after the other. On the shared
+# 2-core machine this was written for, a 2-thread PyTorch (OpenMP) collapses as soon as other processes take
+# the cores (its threads spin at barriers), which measures the neighbours, not the code. TWO_THREADS=1 adds the
+# 2-thread comparison. The load average is logged before each case; both sides report process CPU time too.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/resnet_jax_cpu}; mkdir -p "$OUT"
+JAX_PY=${JAX_PY:-python}; TORCH_PY=${TORCH_PY:-python}
+STEPS=${STEPS:-3}; REPEATS=${REPEATS:-3}; DEPTHS=${DEPTHS:-20 56 110}
+RES=$OUT/cpu_results.jsonl; : > "$RES"
+exec > >(tee -a "$OUT/cpu.log") 2>&1
+export JAX_PLATFORMS=cpu
+date -u; uname -m; nproc; lscpu | grep -E 'Model name' || true
+for depth in $DEPTHS; do
+  echo "load: $(uptime)"
+  taskset -c 0 $JAX_PY benchmarks/compare.py --case=cifar:$depth --steps=$STEPS --repeats=$REPEATS \
+    --jax-python=$JAX_PY --torch-python=$TORCH_PY --torch-channels-last --torch-arg=--threads=1 --out "$RES"
+done
+if [[ -n "${TWO_THREADS:-}" ]]; then
+  for depth in $DEPTHS; do
+    echo "load: $(uptime)"
+    $JAX_PY benchmarks/compare.py --case=cifar:$depth --steps=$STEPS --repeats=$REPEATS --jax-python=$JAX_PY \
+      --torch-python=$TORCH_PY --torch-channels-last --out "$OUT/cpu_results_2threads.jsonl"
+  done
+fi
+echo "load: $(uptime)"
+if [[ -z "${SKIP_1202:-}" ]]; then
+  # Batch 128 does not fit: its activations for the backward pass need about 20 GB (the run was OOM-killed on this
+  # 23 GB machine), so the step is timed at batch 16; the compile time is that of the paper's batch 128.
+  for scan in False True; do
+    echo "=== ResNet-1202 (ours, scan_blocks=$scan): compile time at batch 128"
+    PYTHONPATH=$PWD timeout 2400 $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_1202.py --compile_only \
+      --config.model.scan_blocks=$scan --json | tail -1 | tee "$OUT/cpu_1202_compile_scan_$scan.json"
+    echo "load: $(uptime)"
+  done
+  echo "=== ResNet-1202 (ours, scan_blocks=True): step at batch 16"
+  PYTHONPATH=$PWD $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_1202.py --steps=1 --repeats=2 --warmup=1 \
+    --examples=1000 --config.model.scan_blocks=True --config.batch_size=16 --config.bn_group_size=16 --json \
+    | tail -1 | tee "$OUT/cpu_1202_step_b16.json"
+  echo "load: $(uptime)"
+fi

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# XLA CPU flags, one at a time, on the CIFAR ResNet-20 step (ours, float32, batch 128); prints each run's
+# step time and process CPU time per step, and which custom calls / library fusions the compiled step contains.
+#   JAX_PY=/path/to/python benchmarks/cpu_flags.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+JAX_PY=${JAX_PY:-python}
+export JAX_PLATFORMS=cpu PYTHONPATH=$PWD
+for flags in "" "--xla_cpu_use_onednn=true" "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true" \
+             "--xla_cpu_use_xnnpack=true" "--xla_cpu_experimental_ynn_fusion_type=individual_convolution" \
+             "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution"; do
+  echo "=== XLA_FLAGS='$flags'   load: $(uptime | sed 's/.*load/load/')"
+  XLA_FLAGS="$flags" $JAX_PY - <<'PYEOF'
+import collections, re
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from resnet_jax import benchmark, config_base, models, train
+c = config_base.cifar(20)
+mesh = train.make_mesh()
+model = models.create_model(c.model, bn_group_size=c.bn_group_size)
+im, lb, mean = benchmark.synthetic_data(c, examples=1000)
+rep = NamedSharding(mesh, P())
+args = [jax.device_put(a, rep) for a in (im, lb, mean)]
+state = jax.jit(lambda: train.init_state(c, model, im.shape[1:], 10), out_shardings=rep)()
+txt = train.make_train_step(c, model, mesh).lower(state, *args).compile().as_text()
+calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', txt))
+print('  compiled step: %d plain convolutions, %d library (__ynn/__xnn/__onednn) fusions, custom calls %s' % (
+    len(re.findall(r'\bconvolution\(', txt)), len(re.findall(r'calls=%?__(?:ynn|xnn|onednn)', txt))
+    or len(re.findall(r'kind=kCustom', txt)), dict(calls)))
+r = benchmark.run(c, steps=3, repeats=3, warmup=1)
+print('  step %.0f ms (windows %s), %.0f ms process CPU per step, compile %.1f s' % (
+    1e3 * r['step_time_s'], ', '.join('%.0f' % (1e3 * t) for t in r['step_times_s']),
+    1e3 * r['process_cpu_s_per_step'], r['compile_s']))
+PYEOF
+done

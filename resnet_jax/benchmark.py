@@ -1,0 +1,221 @@
+"""Times the real training step of an experiment config:
+
+  python -m resnet_jax.benchmark --config=configs/cifar_20.py [--steps=N] [--repeats=R] [--json]
+                                 [--config.model.dtype=bfloat16 ...]
+
+It builds the step of `train.make_train_step` (the one `resnet_jax.main` runs), compiles it once (lowering and
+compile times reported separately), runs `--warmup` steps that are not timed, then `--repeats` timed windows of
+`--steps` steps each, blocking on the result only at the end of a window (as the training loop, which reads the
+device only at log points). The step time is the median over windows.
+
+Data stays on the devices, as in training. CIFAR-family configs: a synthetic uint8 training set of the dataset's
+size (random pixels; the step gathers its batch from the epoch permutation and runs the crop/flip augmentation
+inside the step, exactly as in training). ImageNet configs: a synthetic on-device pool of `--pool` images at the
+config's size that the same step gathers from (with the flip; no crop padding), so no input pipeline is timed.
+
+Reported: step time, images/s, model FLOP/s and, where the device's peak is known, utilisation. Model FLOPs count
+a training step as 3x the forward pass and a multiply-add as 2 FLOPs, with the forward multiply-adds of
+`summary.py` (convolutions and the fc layer): 6 x MACs x images. This is the usual "model FLOPs" convention, so
+utilisation is comparable with published MFU figures; it ignores BN, ReLU and the optimiser.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax import models, summary, train
+
+# Dense peak FLOP/s of the tensor units by device kind and compute dtype (vendor datasheets, no sparsity).
+# float32 on NVIDIA GPUs runs convolutions and matmuls as TF32 under XLA's default precision, so its peak is
+# the TF32 one. CPUs are not listed: their peak depends on the clock and the vector units, and we do not guess.
+PEAK_FLOPS = {
+    'H100': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 494e12},   # H100 SXM
+    'H200': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 494e12},
+    'A100': {'bfloat16': 312e12, 'float16': 312e12, 'float32': 156e12},
+}
+# Training-set sizes of the in-memory datasets, for the synthetic stand-in.
+DATASET_EXAMPLES = {'cifar10': 50_000, 'digits': 1_500}
+
+
+def peak_flops(device_kind: str, dtype: str):
+  """The device's dense peak for `dtype`, or None when we do not know it."""
+  for name, peaks in PEAK_FLOPS.items():
+    if name in device_kind.upper():
+      return peaks.get(dtype)
+  return None
+
+
+def synthetic_data(config, pool: int = 512, examples: int = 0, seed: int = 0):
+  """(uint8 images, int32 labels, float32 per-pixel mean) on the host, shaped as the config's training set."""
+  size = config.data.image_size
+  if config.model.family == 'imagenet':
+    n = pool
+  else:
+    n = examples or DATASET_EXAMPLES.get(config.data.dataset, 50_000)
+  if n < config.batch_size:
+    raise ValueError(f'The synthetic training set ({n} images) must hold at least one batch of '
+                     f'{config.batch_size}; raise --pool or --examples.')
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  labels = rng.integers(0, config.model.num_classes, (n,), dtype=np.int32)
+  mean = np.full((size, size, 3), 127.5, np.float32)
+  return images, labels, mean
+
+
+def _block(tree):
+  jax.block_until_ready(tree)
+
+
+def compile_only(config, devices=None) -> dict:
+  """Lowers and compiles the training step from abstract shapes only (no initialisation, no data): the compile
+  cost of a network too deep to train here."""
+  config = config.copy_and_resolve_references()
+  mesh = train.make_mesh(devices)
+  train.validate(config, mesh.devices.size)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  images, labels, mean = synthetic_data(config, examples=config.batch_size)
+  replicated = NamedSharding(mesh, P())
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+  state = jax.eval_shape(lambda: train.init_state(config, model, images.shape[1:], config.model.num_classes))
+  state = jax.tree_util.tree_map(spec, state)
+  c0, t0 = time.process_time(), time.perf_counter()
+  lowered = train.make_train_step(config, model, mesh).lower(state, spec(images), spec(labels), spec(mean))
+  t1 = time.perf_counter()
+  lowered.compile()
+  c2, t2 = time.process_time(), time.perf_counter()
+  return dict(config=dict(family=config.model.family, depth=config.model.depth, dtype=config.model.dtype,
+                          batch_size=config.batch_size, scan_blocks=bool(config.model.get('scan_blocks', False))),
+              device=dict(platform=jax.devices()[0].platform, kind=jax.devices()[0].device_kind),
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              lower_s=t1 - t0, compile_s=t2 - t1, lower_and_compile_cpu_s=c2 - c0)
+
+
+def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 512, examples: int = 0,
+        devices=None) -> dict:
+  """Compiles and times the training step of `config`; returns the measurements as a dict (see module doc)."""
+  if steps < 1 or repeats < 1 or warmup < 0:
+    raise ValueError(f'--steps ({steps}) and --repeats ({repeats}) must be >= 1 and --warmup ({warmup}) >= 0.')
+  config = config.copy_and_resolve_references() if hasattr(config, 'copy_and_resolve_references') else config
+  if config.model.family == 'imagenet':
+    config.data.pad = 0  # the pool images are already at the crop size; the flip still runs in the step
+  mesh = train.make_mesh(devices)
+  num_devices = mesh.devices.size
+  train.validate(config, num_devices)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  images, labels, mean = synthetic_data(config, pool, examples)
+
+  replicated = NamedSharding(mesh, P())
+  args = [jax.device_put(a, replicated) for a in (images, labels, mean)]
+  state = jax.jit(lambda: train.init_state(config, model, images.shape[1:], config.model.num_classes),
+                  out_shardings=replicated)()
+  _block((state, args))
+
+  step_fn = train.make_train_step(config, model, mesh)
+  c0, t0 = time.process_time(), time.perf_counter()
+  lowered = step_fn.lower(state, *args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  c2, t2 = time.process_time(), time.perf_counter()
+
+  for _ in range(warmup):
+    state = compiled(state, *args)
+  _block(state)
+  windows, cpu_windows = [], []
+  for _ in range(repeats):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+      state = compiled(state, *args)
+    _block(state)
+    windows.append((time.perf_counter() - start) / steps)
+    cpu_windows.append((time.process_time() - cpu_start) / steps)
+  loss = float(jax.device_get(state.train_sums['loss'])) / float(jax.device_get(state.train_sums['count']))
+
+  step_time = statistics.median(windows)
+  unrolled = config.model.copy_and_resolve_references()
+  if 'scan_blocks' in unrolled:
+    unrolled.scan_blocks = False  # summary counts each conv call it sees; a scanned block is traced once
+  params, macs = summary.count(unrolled, config.data.image_size)
+  images_per_sec = config.batch_size / step_time
+  model_flops = 6 * macs * images_per_sec
+  device = jax.devices()[0] if devices is None else devices[0]
+  peak = peak_flops(device.device_kind, config.model.dtype)
+  peak_total = peak * num_devices if peak else None
+  return dict(
+      config=dict(family=config.model.family, depth=config.model.depth, residual=config.model.residual,
+                  shortcut=config.model.shortcut, dtype=config.model.dtype, batch_size=config.batch_size,
+                  bn_group_size=config.bn_group_size, image_size=config.data.image_size,
+                  scan_blocks=bool(config.model.get('scan_blocks', False)),
+                  loss_scale=bool(config.get('loss_scale', {}).get('enabled', False))),
+      device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
+                  host=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
+      versions=dict(jax=jax.__version__, python=platform.python_version()),
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      lower_s=t1 - t0, compile_s=t2 - t1, lower_and_compile_cpu_s=c2 - c0,
+      steps=steps, repeats=repeats, warmup=warmup,
+      step_time_s=step_time, step_times_s=windows,
+      # CPU seconds this process used per step (all threads): on a shared CPU it moves less than the wall time
+      # when other processes compete, so it helps tell a real change from contention.
+      process_cpu_s_per_step=statistics.median(cpu_windows),
+      images_per_sec=images_per_sec,
+      params=params, macs_per_image=macs, model_flops_per_sec=model_flops,
+      peak_flops_per_sec=peak_total, utilisation=(model_flops / peak_total) if peak_total else None,
+      final_train_loss=loss)
+
+
+def format_result(r: dict) -> str:
+  c = r['config']
+  name = f'{c["family"]} {"ResNet" if c["residual"] else "plain"}-{c["depth"]} {c["dtype"]} batch {c["batch_size"]}'
+  util = f', utilisation {100 * r["utilisation"]:.1f}%' if r['utilisation'] is not None else ''
+  return (f'{name} on {r["device"]["count"]}x {r["device"]["kind"]} ({r["device"]["platform"]})\n'
+          f'  compile {r["compile_s"]:.1f} s (+ lowering {r["lower_s"]:.1f} s; '
+          f'{r["lower_and_compile_cpu_s"]:.1f} s of process CPU time for both)\n'
+          f'  step {1e3 * r["step_time_s"]:.2f} ms (median of {r["repeats"]} x {r["steps"]} steps; windows '
+          + ', '.join(f'{1e3 * t:.2f}' for t in r['step_times_s']) + ' ms; '
+          f'{1e3 * r["process_cpu_s_per_step"]:.0f} ms of process CPU time per step)\n'
+          f'  {r["images_per_sec"]:,.0f} images/s, {r["model_flops_per_sec"] / 1e12:.3f} model TFLOP/s{util}')
+
+
+# summary.py (imported above for the multiply-add count) already defines --config and --json in this process;
+# absl allows one definition per name, so the benchmark reads those.
+_CONFIG, _JSON = summary._CONFIG, summary._JSON  # pylint: disable=protected-access
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per window.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the step time is their median.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_POOL = flags.DEFINE_integer('pool', 512, 'ImageNet configs: synthetic images kept on the devices.')
+_EXAMPLES = flags.DEFINE_integer('examples', 0, 'CIFAR-family configs: size of the synthetic training set '
+                                 '(0: the dataset\'s, 50,000 for CIFAR-10).')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, 'Only lower and compile the step (from shapes, no '
+                                   'initialisation) and report the times.')
+_NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'Use the first N devices (0: all).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/cifar_20.py')
+  devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
+  if _COMPILE_ONLY.value:
+    result = compile_only(_CONFIG.value, devices)
+    print(json.dumps(result) if _JSON.value else
+          f'compile {result["compile_s"]:.1f} s + lowering {result["lower_s"]:.1f} s '
+          f'({result["lower_and_compile_cpu_s"]:.1f} s of process CPU time)', flush=True)
+    return
+  try:
+    result = run(_CONFIG.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _POOL.value, _EXAMPLES.value,
+                 devices)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  print(json.dumps(result) if _JSON.value else format_result(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

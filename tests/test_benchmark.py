@@ -1,0 +1,165 @@
+"""The benchmark command and mixed precision: bfloat16 / float16 steps keep float32 state, loss scaling works."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax import augment, benchmark, data, models, summary, train
+from helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_command_prints_consistent_json():
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  p = subprocess.run([sys.executable, '-m', 'resnet_jax.benchmark', '--config=configs/digits.py', '--json',
+                      '--steps=2', '--repeats=2', '--warmup=1', '--config.model.depth=8', '--config.batch_size=32',
+                      '--config.bn_group_size=8', '--config.data.image_size=8', '--config.data.pad=1',
+                      '--num_devices=1'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert r['config']['batch_size'] == 32 and r['config']['image_size'] == 8 and r['config']['depth'] == 8
+  assert len(r['step_times_s']) == 2 and all(t > 0 for t in r['step_times_s'])
+  assert r['step_time_s'] == pytest.approx(float(np.median(r['step_times_s'])))
+  assert r['images_per_sec'] == pytest.approx(32 / r['step_time_s'])
+  params, macs = summary.count(tiny_config().model, 8)
+  assert (r['params'], r['macs_per_image']) == (params, macs)
+  assert r['model_flops_per_sec'] == pytest.approx(6 * macs * r['images_per_sec'])
+  assert r['compile_s'] > 0 and r['lower_s'] > 0
+  assert r['device']['platform'] == 'cpu' and r['utilisation'] is None  # no known CPU peak
+  assert math.isfinite(r['final_train_loss']) and r['final_train_loss'] > 0
+
+
+def test_benchmark_rejects_a_training_set_smaller_than_a_batch():
+  with pytest.raises(ValueError, match='at least one batch'):
+    benchmark.run(tiny_config(), steps=1, repeats=1, examples=8, devices=jax.devices()[:1])
+
+
+def test_peak_flops_known_for_h100_unknown_for_cpu():
+  assert benchmark.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert benchmark.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 494e12
+  assert benchmark.peak_flops('cpu', 'float32') is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixed precision.
+
+_STEP_FNS = {}
+
+
+def _run_steps(config, steps, state=None):
+  """`steps` training steps from `state` (default: the initial state); one compiled step per distinct config."""
+  key = config.to_json()
+  if key not in _STEP_FNS:
+    mesh = train.make_mesh(jax.devices()[:1])
+    ds = data.load(config.data)
+    model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+    rep = NamedSharding(mesh, P())
+    args = [jax.device_put(a, rep) for a in (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))]
+    init = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], 10), out_shardings=rep)
+    _STEP_FNS[key] = (init, train.make_train_step(config, model, mesh), args)
+  init, step, args = _STEP_FNS[key]
+  state = init() if state is None else jax.device_put(state)
+  for _ in range(steps):
+    state = step(state, *args)
+  return jax.device_get(state)
+
+
+def _leaves(state):
+  return jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
+
+
+def _loss(state):
+  return float(state.train_sums['loss']) / float(state.train_sums['count'])
+
+
+def test_half_precision_keeps_float32_state_and_tracks_float32():
+  ref = _run_steps(tiny_config(), 2)
+  assert ref.loss_scale is None  # loss scaling is off by default: the state has no extra leaves
+  for dtype in ('bfloat16', 'float16'):
+    half = _run_steps(tiny_config(**{'model.dtype': dtype}), 2)
+    assert all(x.dtype == np.float32 for x in _leaves(half)), dtype
+    assert _loss(half) == pytest.approx(_loss(ref), rel=0.05), dtype
+    # Close to float32, but not bit-identical: the compute dtype is really used.
+    diffs = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(half.params),
+                                                  jax.tree_util.tree_leaves(ref.params))]
+    assert 0 < max(diffs) < 0.05, dtype
+
+
+def test_loss_scaling_only_with_float16():
+  with pytest.raises(ValueError, match='float16'):
+    train.validate(tiny_config(**{'loss_scale.enabled': True}), 1)
+  with pytest.raises(ValueError, match='factor > 1'):
+    train.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16', 'loss_scale.factor': 1.0}),
+                   1)
+  train.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16'}), 1)
+
+
+_SCALED = {'model.dtype': 'float16', 'loss_scale.enabled': True, 'loss_scale.initial': 256.0,
+           'loss_scale.growth_interval': 2}
+
+
+def test_loss_scaling_matches_unscaled_step_and_grows():
+  plain = _run_steps(tiny_config(**{'model.dtype': 'float16'}), 2)
+  scaled = _run_steps(tiny_config(**_SCALED), 2)
+  for a, b in zip(jax.tree_util.tree_leaves(scaled.params), jax.tree_util.tree_leaves(plain.params)):
+    np.testing.assert_allclose(a, b, atol=2e-3)
+  assert float(scaled.loss_scale['scale']) == 512.0  # two finite steps: grown once
+  assert int(scaled.loss_scale['good_steps']) == 0
+
+
+def test_overflowing_step_is_skipped_and_halves_the_scale():
+  config = tiny_config(**_SCALED)
+  init = _run_steps(config, 0)
+  huge = init.replace(loss_scale={'scale': np.float32(2.0 ** 40), 'good_steps': np.int32(0)})
+  after = _run_steps(config, 1, huge)
+  assert float(after.loss_scale['scale']) == 2.0 ** 39
+  for a, b in zip(_leaves(after), _leaves(init)):  # parameters, BN statistics and momentum untouched
+    np.testing.assert_array_equal(a, b)
+  assert int(after.step) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scanning over identical blocks (compile-time option).
+
+def _stack_unrolled_into_scanned(unrolled, scanned_shapes):
+  """Maps an unrolled variable tree onto the scanned layout: blocks 2..n of a stage stacked on a leading axis."""
+  out = {}
+  for name in scanned_shapes:
+    if '_blocks' in name:  # 'stage1_blocks2to3'
+      stage, rng = name.split('_blocks')
+      first, last = map(int, rng.split('to'))
+      blocks = [unrolled[f'{stage}_block{b}'] for b in range(first, last + 1)]
+      out[name] = {'block': jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+    else:
+      out[name] = unrolled[name]
+  return out
+
+
+def test_scanned_blocks_compute_the_same_network():
+  config = tiny_config(**{'model.depth': 20})  # 3 blocks per stage: 1 unrolled + a scan of 2
+  plain = models.create_model(config.model, bn_group_size=8)
+  config.model.scan_blocks = True
+  scanned = models.create_model(config.model, bn_group_size=8)
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3)) + 0.5
+  v_plain = jax.jit(lambda: plain.init(jax.random.key(0), x, train=False))()
+  v_scan_shapes = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, train=False))
+  assert 'stage2_blocks2to3' in v_scan_shapes['params'] and 'stage2_block2' not in v_scan_shapes['params']
+  assert sum(a.size for a in jax.tree_util.tree_leaves(v_scan_shapes)) == sum(
+      a.size for a in jax.tree_util.tree_leaves(v_plain))
+  v_scan = {k: _stack_unrolled_into_scanned(v_plain[k], v_scan_shapes[k]) for k in v_plain}
+  run = lambda m, v: jax.jit(lambda v: m.apply(v, x, train=True, mutable=['batch_stats']))(v)
+  (y_plain, s_plain), (y_scan, s_scan) = run(plain, v_plain), run(scanned, v_scan)
+  np.testing.assert_allclose(y_scan, y_plain, rtol=1e-5, atol=1e-5)
+  # The moving averages of the scanned blocks land in the same (stacked) places.
+  s_expected = _stack_unrolled_into_scanned(s_plain['batch_stats'], s_scan['batch_stats'])
+  for a, b in zip(jax.tree_util.tree_leaves(s_scan['batch_stats']), jax.tree_util.tree_leaves(s_expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
