@@ -137,7 +137,11 @@ def train_step(config, model, mesh, state: TrainState, images, labels, mean):
   aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
   x = augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip)
   x = jax.lax.with_sharding_constraint(x, batch_sharding)
-  y = labels[idx]
+  return sgd_update(config, model, state, x, labels[idx])
+
+
+def sgd_update(config, model, state: TrainState, x, y):
+  """The update on one ready batch: `x` augmented float32 images, `y` labels (both sharded over the mesh)."""
 
   def loss_fn(params):
     logits, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
@@ -157,6 +161,14 @@ def train_step(config, model, mesh, state: TrainState, images, labels, mean):
           'lr': lr}
   return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                     warmup_done=warmup_done, error_ema=error_ema, train_sums=sums)
+
+
+def make_batch_train_step(config, model, mesh):
+  """The step for streamed data (imagenet_input.py): takes a batch already augmented on the host, sharded over
+  the mesh's 'data' axis."""
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(functools.partial(sgd_update, config, model), in_shardings=(replicated, batch, batch),
+                 out_shardings=replicated, donate_argnums=(0,))
 
 
 def make_train_step(config, model, mesh):
