@@ -31,23 +31,30 @@ class CheckpointNotFoundError(FileNotFoundError):
   pass
 
 
-def _sums(probs, labels, mask):
-  """Loss and top-1/top-5 error sums of one batch from its class probabilities."""
-  top5 = jax.lax.top_k(probs, min(5, probs.shape[-1]))[1]
+def _sums(log_probs, labels, mask):
+  """Loss and top-1/top-5 error sums of one batch from its class log-probabilities."""
+  top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
   hit5 = jnp.any(top5 == labels[:, None], axis=-1)
   hit1 = top5[:, 0] == labels
-  p_true = jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
-  return {'loss': jnp.sum(-jnp.log(jnp.maximum(p_true, 1e-30)) * mask),
-          'top1_errors': jnp.sum((~hit1) * mask), 'top5_errors': jnp.sum((~hit5) * mask), 'count': jnp.sum(mask)}
+  log_p_true = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  return {'loss': jnp.sum(-log_p_true * mask), 'top1_errors': jnp.sum((~hit1) * mask),
+          'top5_errors': jnp.sum((~hit5) * mask), 'count': jnp.sum(mask)}
 
 
-def crop_probs(model, variables, images):
-  """(B, h, w, 3) -> softmax (B, classes); (B, V, h, w, 3) (e.g. the 10 crops) -> the mean over V of the softmaxes."""
+def _log_mean_softmax(logits, axis):
+  """log of the mean over `axis` of softmax(logits), computed stably in log space."""
+  log_p = jax.nn.log_softmax(logits)
+  return jax.nn.logsumexp(log_p, axis=axis) - jnp.log(logits.shape[axis])
+
+
+def crop_log_probs(model, variables, images):
+  """(B, h, w, 3) -> log-softmax (B, classes); (B, V, h, w, 3) (e.g. the 10 crops) -> log of the mean over the V
+  views of their softmax probabilities."""
   if images.ndim == 4:
-    return jax.nn.softmax(model.apply(variables, images, train=False))
+    return jax.nn.log_softmax(model.apply(variables, images, train=False))
   b, v = images.shape[:2]
   logits = model.apply(variables, images.reshape((b * v,) + images.shape[2:]), train=False)
-  return jax.nn.softmax(logits).reshape(b, v, -1).mean(1)
+  return _log_mean_softmax(logits.reshape(b, v, -1), axis=1)
 
 
 def last_block_name(model) -> str:
@@ -68,8 +75,10 @@ def dense_scores(model, variables, images, window: int):
   return (pooled @ head['kernel'] + head['bias']).mean((1, 2))
 
 
-def multiscale_probs(model, variables, images_by_scale, window: int):
-  return sum(jax.nn.softmax(dense_scores(model, variables, x, window)) for x in images_by_scale) / len(images_by_scale)
+def multiscale_log_probs(model, variables, images_by_scale, window: int):
+  """log of the mean over scales of the softmax of each scale's position-averaged scores."""
+  scores = jnp.stack([dense_scores(model, variables, x, window) for x in images_by_scale], axis=1)
+  return _log_mean_softmax(scores, axis=1)
 
 
 def local_variables(state):
@@ -91,9 +100,9 @@ def evaluate(config, model, variables, mean, protocol: str, limit: int = 0, spli
 
   if protocol == 'multiscale':
     window = max(1, config.data.image_size // 32)  # the final map of a training crop (7 for 224)
-    fn = jax.jit(lambda v, xs, y, m: _sums(multiscale_probs(model, v, xs, window), y, m))
+    fn = jax.jit(lambda v, xs, y, m: _sums(multiscale_log_probs(model, v, xs, window), y, m))
   else:
-    fn = jax.jit(lambda v, x, y, m: _sums(crop_probs(model, v, x), y, m),
+    fn = jax.jit(lambda v, x, y, m: _sums(crop_log_probs(model, v, x), y, m),
                  in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
   total = None
   for b in imagenet_input.eval_batches(config, mean, protocol, bs, split, limit=limit):
