@@ -88,22 +88,33 @@ def local_variables(state):
           'batch_stats': jax.tree_util.tree_map(local, state.batch_stats)}
 
 
+_EVAL_FNS = {}  # (id(model), protocol, window, devices) -> (model, jitted fn): evaluations during training reuse it
+
+
+def _eval_fn(model, protocol: str, window: int, mesh):
+  key = (id(model), protocol, window, tuple(d.id for d in mesh.devices.flat))
+  if key not in _EVAL_FNS:
+    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    if protocol == 'multiscale':  # one image: every device computes it (a batch of 1 cannot be split)
+      fn = jax.jit(lambda v, xs, y, m: _sums(multiscale_log_probs(model, v, xs, window), y, m))
+    else:
+      fn = jax.jit(lambda v, x, y, m: _sums(crop_log_probs(model, v, x), y, m),
+                   in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
+    _EVAL_FNS[key] = (model, fn)  # holding the model keeps its id from being reused
+  return _EVAL_FNS[key][1]
+
+
 def evaluate(config, model, variables, mean, protocol: str, limit: int = 0, split: str = 'val') -> dict:
   """Exact loss, top-1 and top-5 error of `variables` on the split under `protocol`. Each host evaluates its shard
   on its local devices; the sums are added over hosts."""
   mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
-  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  variables = jax.device_put(variables, replicated)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
   bs = config.eval_batch_size
   if protocol != 'multiscale' and bs % mesh.devices.size:
     raise ValueError(f'config.eval_batch_size={bs} is not divisible by the {mesh.devices.size} local devices.')
 
-  if protocol == 'multiscale':
-    window = max(1, config.data.image_size // 32)  # the final map of a training crop (7 for 224)
-    fn = jax.jit(lambda v, xs, y, m: _sums(multiscale_log_probs(model, v, xs, window), y, m))
-  else:
-    fn = jax.jit(lambda v, x, y, m: _sums(crop_log_probs(model, v, x), y, m),
-                 in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
+  window = max(1, config.data.image_size // 32)  # the final map of a training crop (7 for 224)
+  fn = _eval_fn(model, protocol, window, mesh)
   total = None
   for b in imagenet_input.eval_batches(config, mean, protocol, bs, split, limit=limit):
     if protocol == 'multiscale':

@@ -84,6 +84,14 @@ def test_train_stream_shapes_dtypes_and_labels(folder):
     assert labels.shape == (8,) and labels.dtype == np.int32
     seen |= set(labels.tolist())
   assert seen == {0, 1, 2}
+  # The cached stream (encoded bytes kept in memory) yields the same kind of batches.
+  cached = tiny_imagenet_config(folder, **{'data.cache': 'memory', 'data.shuffle_buffer': 12})
+  for images, labels in imagenet_input.train_dataset(cached, mean).take(3).as_numpy_iterator():
+    assert images.shape == (8, 32, 32, 3) and set(labels.tolist()) <= {0, 1, 2}
+  # The mean image is the mean of the training images' centre views.
+  views = [b['images'][b['mask'] > 0] for b in imagenet_input.eval_batches(c, np.zeros(3, np.float32), 'center', 4,
+                                                                            split='train')]
+  np.testing.assert_allclose(mean, np.concatenate(views).mean(0), atol=1e-3)
   # Two hosts each stream half the batch.
   images, labels = next(imagenet_input.train_dataset(c, mean, process_index=1, process_count=2).as_numpy_iterator())
   assert images.shape == (4, 32, 32, 3)
