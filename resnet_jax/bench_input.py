@@ -47,13 +47,16 @@ def main(argv):
   it = imagenet_input.train_dataset(c, mean).as_numpy_iterator()
   for _ in range(2):
     next(it)
-  t = time.perf_counter()
+  t, cpu = time.perf_counter(), time.process_time()
   for _ in range(_STEPS.value):
     next(it)
-  dt = time.perf_counter() - t
+  dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
   files = imagenet_input.split_info(c.data, 'train').num_examples
-  print(f'{_STEPS.value * _BATCH.value / dt:.1f} images/s ({_STEPS.value} batches of {_BATCH.value}, {files} files, '
-        f'cache={_CACHE.value or "none"}, {os.cpu_count()} CPUs)')
+  n = _STEPS.value * _BATCH.value
+  # CPU-seconds (all of the process's threads) tell the cost apart from how busy the machine was.
+  print(f'{n / dt:.1f} images/s, {n / dcpu:.1f} images per CPU-second ({_STEPS.value} batches of {_BATCH.value}, '
+        f'{files} files, cache={_CACHE.value or "none"}, {os.cpu_count()} CPUs, load average '
+        f'{os.getloadavg()[0]:.1f})')
 
 
 if __name__ == '__main__':

@@ -101,7 +101,7 @@ def imagenet(depth: int, residual: bool = True) -> ml_collections.ConfigDict:
   c.data.eval_resize = 256          # Sec. 3.4 testing: 224 crops of the image resized to 256 (centre / 10-crop)
   c.data.multiscale_sizes = (224, 256, 384, 480, 640)  # Sec. 3.4: fully-convolutional, scores averaged over these
   c.data.cache = ''                 # '' | 'memory' | a file prefix: tf.data cache of the encoded images
-  c.data.shuffle_buffer = 16_384    # examples shuffled together when `cache` is set (file names are fully shuffled)
+  c.data.shuffle_buffer = 16_384    # examples shuffled together for tfds or a cache (folder names: a full shuffle)
   c.data.prefetch_to_device = 2     # batches in flight to the devices
   # Sec. 3.4: mini-batch 256 on 8 GPUs (BN over 32 per GPU), lr 0.1 divided by 10 when the error plateaus,
   # up to 60e4 iterations. The plateaus are fixed here at the iterations where they occur in Fig. 4.

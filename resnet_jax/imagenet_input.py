@@ -330,8 +330,9 @@ def train_dataset(config, mean, process_index: int | None = None, process_count:
   _check_scale_range(d)
   seed = (config.seed * 1_000_003 + seed_offset) * 1000 + pi  # each host (and each resume) draws its own order
   ds = encoded_dataset(d, 'train', pi, pc, shuffle=not d.cache, seed=seed)
-  if d.cache:  # cache the encoded bytes once, then shuffle the cached examples every epoch
-    ds = _cached(ds, d.cache).shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = _cached(ds, d.cache)  # the encoded bytes, read once
+  if d.cache or d.source == 'tfds':  # tfds shuffles only its file order; a cache replays one order
+    ds = ds.shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat()
   seeds = tf.data.Dataset.random(seed=seed).batch(2)  # one stateless seed per example
   mean_t = tf.constant(mean, tf.float32)
