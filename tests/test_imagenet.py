@@ -474,3 +474,16 @@ def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder,
   assert result['count'] == 9 and result['step'] == 2
   assert result['top1_error'] == pytest.approx(rows[0]['val_error'])
   assert json.load(open(workdir / 'eval_center_step2.json'))['count'] == 9
+
+
+@needs_tf
+def test_bn_recalibration_from_the_training_stream(folder):
+  c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
+  model, variables = _resnet8()
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    bn_recalibration.recalibrate_from_config(c, model, variables, np.zeros(3, np.float32), 4)
+  new = bn_recalibration.recalibrate_from_config(c, model, variables, np.zeros(3, np.float32), 16)
+  stem = new['batch_stats']['stem_bn']
+  # Fresh statistics are mean 0 / var 1; 0..255 pixels through the stem conv give something else entirely.
+  assert np.all(np.isfinite(stem['var'])) and np.abs(np.asarray(stem['mean'])).max() > 1
+  assert set(new['batch_stats']) == set(variables['batch_stats'])
