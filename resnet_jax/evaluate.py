@@ -12,7 +12,6 @@ Protocols:
 Top-1 and top-5 error are exact: sums of errors and a count, every validation image counted once (padding masked).
 Writes WORKDIR/eval_<protocol>_step<N>.json.
 """
-import functools
 import json
 import os
 import sys
@@ -183,6 +182,9 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required, e.g. --config=configs/imagenet_50.py '
                          '--workdir=runs/imagenet_50 --protocol=10crop')
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   try:
     run(_CONFIG.value, _WORKDIR.value, _PROTOCOL.value, _STEP.value, _RECAL.value, _LIMIT.value)
   except (ValueError, CheckpointNotFoundError, imagenet_input.DatasetNotFoundError) as e:

@@ -20,7 +20,6 @@ hosts' parts. TensorFlow is imported only inside this module's functions and nev
 """
 import collections
 import dataclasses
-import math
 import os
 
 import jax

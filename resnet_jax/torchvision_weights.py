@@ -201,6 +201,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not (_WEIGHTS.value and _CONFIG.value and _WORKDIR.value):
     raise app.UsageError('--weights, --config and --workdir are required (see the module docstring).')
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   try:
     config = _CONFIG.value
     params, batch_stats = convert(load_state_dict(_WEIGHTS.value), config.model)
