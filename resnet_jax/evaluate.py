@@ -108,9 +108,11 @@ def evaluate(config, model, variables, mean, protocol: str, limit: int = 0, spli
   on its local devices; the sums are added over hosts."""
   mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  bs = config.eval_batch_size
-  if protocol != 'multiscale' and bs % mesh.devices.size:
-    raise ValueError(f'config.eval_batch_size={bs} is not divisible by the {mesh.devices.size} local devices.')
+  bs, d = config.eval_batch_size, mesh.devices.size
+  if protocol != 'multiscale' and bs % d:
+    raise ValueError(f'config.eval_batch_size={bs} is not divisible by the {d} local devices.')
+  if protocol == '10crop':  # ten views per image: a tenth of the images per batch, so a batch has the same size
+    bs = max(d, bs // 10 // d * d)
 
   window = max(1, config.data.image_size // 32)  # the final map of a training crop (7 for 224)
   fn = _eval_fn(model, protocol, window, mesh)
