@@ -170,7 +170,11 @@ def train_step(config, model, mesh, state: TrainState, images, labels, mean):
   aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
   x = augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip)
   x = jax.lax.with_sharding_constraint(x, batch_sharding)
-  y = labels[idx]
+  return sgd_update(config, model, state, x, labels[idx])
+
+
+def sgd_update(config, model, state: TrainState, x, y):
+  """The update on one ready batch: `x` augmented float32 images, `y` labels (both sharded over the mesh)."""
 
   def loss_fn(params):
     logits, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
@@ -220,6 +224,14 @@ def guard_nonfinite(config, old: TrainState, new: TrainState, loss) -> TrainStat
     skipped = old.replace(step=new.step, train_sums={**old.train_sums, 'lr': new.train_sums['lr']})
     new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, skipped)
   return new.replace(train_sums={**new.train_sums, **counts})
+
+
+def make_batch_train_step(config, model, mesh):
+  """The step for streamed data (imagenet_input.py): takes a batch already augmented on the host, sharded over
+  the mesh's 'data' axis."""
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(functools.partial(sgd_update, config, model), in_shardings=(replicated, batch, batch),
+                 out_shardings=replicated, donate_argnums=(0,))
 
 
 def make_train_step(config, model, mesh):

@@ -123,6 +123,8 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
 
   Every check of the config, the data and the workdir runs before anything is written: a mistake leaves the workdir
   as it was. A run killed at any point and started again with the same command ends as if never interrupted."""
+  if config.data.get('streaming', False):  # ImageNet: batches stream from disk (imagenet_input.py)
+    return train_and_evaluate_streaming(config, workdir, force_resume, devices)
   mesh = train.make_mesh(devices)
   num_devices = mesh.devices.size
   train.validate(config, num_devices)
@@ -229,4 +231,103 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
             flush=True)
     plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}': rows},
                          os.path.join(workdir, 'curves.png'))
+  return last
+
+
+def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
+  """The run for streamed data (`config.data.streaming`, ImageNet): each step takes the next batch that
+  imagenet_input's tf.data stream prepared on the host (already augmented; each host reads its shard), and the
+  validation split is evaluated with the centre-crop protocol (evaluate.py). Checkpoints, logging and signals
+  work as in `train_and_evaluate`; a resumed run draws a fresh shuffle (the tf.data position is not saved)."""
+  from resnet_jax import evaluate, imagenet_input
+  mesh = train.make_mesh(devices)
+  num_devices = mesh.devices.size
+  train.validate(config, num_devices)
+  models.validate_model_config(config.model)
+  _check_workdir(workdir)
+  is_main = jax.process_index() == 0
+
+  info = imagenet_input.split_info(config.data, 'train')
+  if len(info.class_names) != config.model.num_classes:
+    raise ValueError(f'The dataset has {len(info.class_names)} classes but config.model.num_classes='
+                     f'{config.model.num_classes}.')
+  if info.num_examples < config.batch_size:
+    raise ValueError(f'The training split has {info.num_examples} examples, fewer than config.batch_size='
+                     f'{config.batch_size}.')
+  try:
+    has_val = imagenet_input.split_info(config.data, 'val').num_examples > 0
+  except data.DatasetNotFoundError:
+    has_val = False
+
+  config_path = os.path.join(workdir, 'config.json')
+  _check_resume_config(config_path, config, force_resume)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  replicated = NamedSharding(mesh, P())
+  size = config.data.image_size
+  init = jax.jit(lambda: train.init_state(config, model, (size, size, 3), config.model.num_classes),
+                 out_shardings=replicated)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
+  state, start_step = ckpt.restore_latest(jax.eval_shape(init), report=print if is_main else lambda _: None)
+  if not start_step:
+    state = init()
+  if start_step and is_main:
+    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
+  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
+  if is_main:
+    _write_config(config_path, config)
+  mean = imagenet_input.input_mean(config.data, workdir)
+  step_fn = train.make_batch_train_step(config, model, mesh)
+  stream = imagenet_input.train_dataset(config, mean, seed_offset=start_step).as_numpy_iterator()
+  batches = imagenet_input.prefetch_to_device(stream, NamedSharding(mesh, P(train.DATA_AXIS)),
+                                              config.data.prefetch_to_device)
+
+  writer = metrics_io.MetricsWriter(workdir, start_step, enabled=is_main)
+  progress = metrics_io.Progress(config.num_steps, start_step, enabled=is_main)
+  if is_main:
+    print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
+          f'({config.model.family}) on {info.num_examples} images of {config.data.dataset} (streamed), '
+          f'{num_devices} device(s) ({jax.devices()[0].platform}), batch {config.batch_size}, '
+          f'{config.num_steps} steps, workdir {workdir}', flush=True)
+
+  last = {}
+  window_start, window_step = time.time(), start_step
+  step = start_step
+  with _StopRequest() as stop:
+    while step < config.num_steps:
+      images, labels = next(batches)
+      state = step_fn(state, images, labels)
+      step += 1
+      if distributed.preemption_reached(step):
+        stop.signal = signal.SIGTERM
+      final = step == config.num_steps
+      row = {}
+      if step % config.log_every_steps == 0 or final or stop.signal:
+        sums = jax.device_get(state.train_sums)
+        _check_nonfinite(config, sums, step, ckpt, log_point=True)
+        row.update(_summarise(sums, 'train'))
+        row['lr'] = float(sums['lr'])
+        now = time.time()
+        row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
+        window_start, window_step = now, step
+        state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
+      if has_val and (step % config.eval_every_steps == 0 or final):
+        r = evaluate.evaluate(config, model, evaluate.local_variables(state), mean, 'center')
+        row.update(val_loss=r['loss'], val_error=r['top1_error'], val_top5_error=r['top5_error'])
+      if row:
+        writer.write(step, row)
+        progress.print(step, row)
+        last = {'step': step, **row}
+      if step % config.checkpoint_every_steps == 0 or final or stop.signal:
+        ckpt.save(state, force=bool(stop.signal))
+      if stop.signal and not final:
+        ckpt.wait()
+        if is_main:
+          print(f'Stopped by signal {stop.signal} at step {step}; checkpoint written. '
+                'Run the same command to resume.', flush=True)
+        break
+  ckpt.close()
+  writer.close()
+  if is_main:
+    plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}':
+                          metrics_io.read_metrics(writer.path)}, os.path.join(workdir, 'curves.png'))
   return last

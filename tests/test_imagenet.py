@@ -1,0 +1,489 @@
+"""ImageNet: the streaming input pipeline, the testing protocols, BN recalibration and torchvision weights.
+
+Everything runs on a tiny generated image folder (3 classes, JPEGs of several sizes) and small images (32 instead
+of 224), so the real pipeline code is tested without ImageNet. TensorFlow and torch tests skip with the reason
+when those packages are missing.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import bn_recalibration, config_base, evaluate, imagenet_input, metrics_io, models, torchvision_weights
+from helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TF = importlib.util.find_spec('tensorflow') is not None
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+needs_tf = pytest.mark.skipif(not HAS_TF, reason="tensorflow is not installed (pip install -e '.[tfds]')")
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason='torch is not installed (pip install torch)')
+
+CLASSES = ('ant', 'bee', 'cow')
+SIZES = [(40, 56), (64, 48), (37, 37), (50, 80)]  # (h, w): landscape, portrait, square, wide
+TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG, smooth random images of various sizes."""
+  root = tmp_path_factory.mktemp('imagenet_folder')
+  rng = np.random.default_rng(0)
+  for split, n in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
+    for c in CLASSES:
+      (root / split / c).mkdir(parents=True)
+      for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        small = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        img.save(root / split / c / f'{c}_{i}.JPEG', format='JPEG', quality=95)
+  return root
+
+
+def tiny_imagenet_config(root, **overrides):
+  """ResNet-18 (the smallest ImageNet-family net) on 32x32 crops of the tiny folder."""
+  c = config_base.imagenet(18)
+  c.model.num_classes = len(CLASSES)
+  c.data.source, c.data.data_dir = 'folder', str(root)
+  c.data.image_size, c.data.scale_range, c.data.eval_resize = 32, (32, 48), 36
+  c.data.multiscale_sizes = (32, 40)
+  c.data.mean_examples = 0
+  c.batch_size, c.bn_group_size, c.eval_batch_size = 8, 2, 4
+  c.num_steps, c.lr_boundaries = 2, (1,)
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
+  for k, v in overrides.items():
+    target = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = v
+  return c
+
+
+def _read_image(path):
+  return np.asarray(Image.open(path).convert('RGB'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The input pipeline.
+
+@needs_tf
+def test_train_stream_shapes_dtypes_and_labels(folder):
+  c = tiny_imagenet_config(folder)
+  mean = imagenet_input.input_mean(c.data)
+  assert mean.shape == (32, 32, 3)
+  seen = set()
+  for images, labels in imagenet_input.train_dataset(c, mean).take(4).as_numpy_iterator():
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
+    assert labels.shape == (8,) and labels.dtype == np.int32
+    seen |= set(labels.tolist())
+  assert seen == {0, 1, 2}
+  # The cached stream (encoded bytes kept in memory) yields the same kind of batches.
+  cached = tiny_imagenet_config(folder, **{'data.cache': 'memory', 'data.shuffle_buffer': 12})
+  for images, labels in imagenet_input.train_dataset(cached, mean).take(3).as_numpy_iterator():
+    assert images.shape == (8, 32, 32, 3) and set(labels.tolist()) <= {0, 1, 2}
+  # The mean image is the mean of the training images' centre views.
+  views = [b['images'][b['mask'] > 0] for b in imagenet_input.eval_batches(c, np.zeros(3, np.float32), 'center', 4,
+                                                                            split='train')]
+  np.testing.assert_allclose(mean, np.concatenate(views).mean(0), atol=1e-3)
+  # Two hosts each stream half the batch.
+  images, labels = next(imagenet_input.train_dataset(c, mean, process_index=1, process_count=2).as_numpy_iterator())
+  assert images.shape == (4, 32, 32, 3)
+
+
+@needs_tf
+def test_scale_augmentation_window_lies_in_range_and_inside_the_image():
+  import tensorflow as tf
+  lo, hi, crop = 32, 48, 32
+  shorters = []
+  for (h, w) in SIZES:
+    for i in range(60):
+      shorter, nh, nw, top, left = (int(v) for v in imagenet_input.sample_crop_window(
+          h, w, tf.constant([i, 7], tf.int64), (lo, hi), crop))
+      assert lo <= shorter <= hi and min(nh, nw) == shorter
+      assert abs(max(nh, nw) / shorter - max(h, w) / min(h, w)) < 0.05  # aspect ratio kept
+      assert 0 <= top <= nh - crop and 0 <= left <= nw - crop
+      shorters.append(shorter)
+  assert min(shorters) == lo and max(shorters) == hi  # both ends of the range are drawn
+
+
+@needs_tf
+def test_train_view_is_the_resized_image_cropped_at_the_sampled_window(folder):
+  import tensorflow as tf
+  c = tiny_imagenet_config(folder, **{'data.random_flip': False, 'data.lighting_std': 0.0})
+  path = str(folder / 'train' / 'bee' / 'bee_3.JPEG')  # 50x80
+  raw = tf.io.read_file(path)
+  image = imagenet_input.decode(raw)
+  pil = _read_image(path)
+  assert image.shape == pil.shape == (50, 80, 3)
+  assert np.abs(image.numpy().astype(float) - pil).mean() < 4  # two JPEG decoders: close, not bit-identical
+  for i in range(5):
+    seed = tf.constant([i, 3], tf.int64)
+    view = imagenet_input.train_view(raw, seed, c.data, tf.zeros((3,))).numpy()
+    w_seed = tf.random.experimental.stateless_split(seed, 3)[0]
+    shorter, _, _, top, left = (int(v) for v in imagenet_input.sample_crop_window(50, 80, w_seed, (32, 48), 32))
+    resized = imagenet_input.resize_shorter(image, shorter).numpy()
+    np.testing.assert_allclose(view, resized[top:top + 32, left:left + 32], atol=1e-4)
+    assert resized.shape[0] == shorter
+
+
+@needs_tf
+def test_colour_noise_has_the_configured_magnitude():
+  import tensorflow as tf
+  std = 0.1
+  noise = np.stack([imagenet_input.lighting_noise(tf.constant([i, 11], tf.int64), std).numpy() for i in range(1500)])
+  # noise = V (alpha * eigval) * 255 with V orthonormal, so alpha = V^T noise / (eigval * 255) ~ N(0, std).
+  alpha = noise @ imagenet_input.IMAGENET_EIGVEC / (imagenet_input.IMAGENET_EIGVAL * 255.0)
+  np.testing.assert_allclose(alpha.std(0), std, rtol=0.1)
+  np.testing.assert_allclose(alpha.mean(0), 0.0, atol=4 * std / np.sqrt(1500))
+  # The noise is one RGB offset per image: a flat image stays flat.
+  c = config_base.imagenet(18)
+  c.data.image_size, c.data.scale_range, c.data.random_flip = 32, (32, 32), False
+  flat = tf.io.encode_png(tf.fill([40, 40, 3], tf.constant(128, tf.uint8)))
+  view = imagenet_input.train_view(flat, tf.constant([1, 2], tf.int64), c.data, tf.zeros((3,))).numpy()
+  c_seed = tf.random.experimental.stateless_split(tf.constant([1, 2], tf.int64), 3)[2]
+  offset = imagenet_input.lighting_noise(c_seed, c.data.lighting_std).numpy()
+  assert np.abs(offset).max() > 0.01
+  np.testing.assert_allclose(view, np.broadcast_to(128 + offset, view.shape), atol=1e-3)
+
+
+@needs_tf
+def test_ten_crops_are_the_corners_centre_and_their_flips():
+  import tensorflow as tf
+  h, w, crop = 36, 50, 32
+  image = np.arange(h * w * 3, dtype=np.float32).reshape(h, w, 3)  # every pixel distinct
+  views = imagenet_input.ten_crops(tf.constant(image), crop).numpy()
+  assert views.shape == (10, crop, crop, 3)
+  np.testing.assert_array_equal(views[0], image[:crop, :crop])                       # top-left, pixel by pixel
+  np.testing.assert_array_equal(views[1], image[:crop, w - crop:])                   # top-right
+  np.testing.assert_array_equal(views[2], image[h - crop:, :crop])                   # bottom-left
+  np.testing.assert_array_equal(views[3], image[h - crop:, w - crop:])               # bottom-right
+  t, l = (h - crop) // 2, (w - crop) // 2
+  np.testing.assert_array_equal(views[4], image[t:t + crop, l:l + crop])             # centre
+  np.testing.assert_array_equal(views[5:], views[:5, :, ::-1])                       # their flips
+  assert len({v.tobytes() for v in views}) == 10
+
+
+@needs_tf
+def test_eval_streams_count_every_image_once_over_hosts(folder):
+  c = tiny_imagenet_config(folder)
+  n = len(CLASSES) * VAL_PER_CLASS  # 9, not a multiple of the batch (4) nor of the hosts (2)
+  expected = sorted(np.repeat(np.arange(len(CLASSES)), VAL_PER_CLASS).tolist())
+  for protocol, shape in (('center', (4, 32, 32, 3)), ('10crop', (4, 10, 32, 32, 3))):
+    batches = list(imagenet_input.eval_batches(c, np.zeros(3, np.float32), protocol, 4))
+    assert [b['images'].shape for b in batches] == [shape] * 3
+    assert sum(b['mask'].sum() for b in batches) == n
+    assert sorted(np.concatenate([b['labels'][b['mask'] > 0] for b in batches]).tolist()) == expected
+  hosts = [list(imagenet_input.eval_batches(c, np.zeros(3, np.float32), 'center', 4, process_index=i,
+                                            process_count=2)) for i in range(2)]
+  assert len(hosts[0]) == len(hosts[1])  # the hosts step in lockstep
+  labels = [b['labels'][b['mask'] > 0] for h in hosts for b in h]
+  assert sorted(np.concatenate(labels).tolist()) == expected
+  images = np.concatenate([b['images'][b['mask'] > 0] for h in hosts for b in h])
+  assert len({im.tobytes() for im in images}) == n  # nine different images, none twice
+
+
+@needs_tf
+def test_missing_data_errors_say_what_to_do(tmp_path):
+  c = tiny_imagenet_config(tmp_path / 'nothing')
+  with pytest.raises(imagenet_input.DatasetNotFoundError, match='train/<class>/\\*.JPEG'):
+    imagenet_input.split_info(c.data, 'train')
+  c = tiny_imagenet_config(tmp_path, **{'data.source': 'tfds', 'data.dataset': 'imagenet2012'})
+  if importlib.util.find_spec('tensorflow_datasets') is None:
+    pytest.skip('tensorflow-datasets is not installed')
+  with pytest.raises(imagenet_input.DatasetNotFoundError) as e:
+    imagenet_input.split_info(c.data, 'train')
+  assert 'ILSVRC2012_img_train.tar' in str(e.value)
+  assert os.path.join(str(tmp_path), 'downloads', 'manual') in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+def _resnet8(num_classes=3):
+  c = tiny_config()
+  c.model.num_classes = num_classes
+  model = models.create_model(c.model)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+  return model, variables
+
+
+@needs_tf
+def test_evaluator_top1_top5_match_a_direct_computation(folder):
+  c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
+  model, variables = _resnet8(num_classes=7)
+  mean = np.zeros(3, np.float32)
+  batches = list(imagenet_input.eval_batches(c, mean, 'center', 4))
+  x = np.concatenate([b['images'][b['mask'] > 0] for b in batches])
+  y = np.concatenate([b['labels'][b['mask'] > 0] for b in batches])
+  log_probs = np.asarray(jax.jit(lambda x: jax.nn.log_softmax(model.apply(variables, x, train=False)))(x))
+  order = np.argsort(-log_probs, axis=1)
+  r = evaluate.evaluate(c, model, variables, mean, 'center')
+  assert r['count'] == 9
+  assert r['top1_error'] == pytest.approx(np.mean(order[:, 0] != y))
+  assert r['top5_error'] == pytest.approx(np.mean(~np.any(order[:, :5] == y[:, None], 1)))
+  assert r['loss'] == pytest.approx(np.mean(-log_probs[np.arange(9), y]), rel=1e-5)
+  for protocol in ('10crop', 'multiscale'):
+    r = evaluate.evaluate(c, model, variables, mean, protocol)
+    assert r['count'] == 9 and 0 <= r['top5_error'] <= r['top1_error'] <= 1
+
+
+def test_dense_scores_reduce_to_the_logits_when_the_pool_covers_the_map():
+  model, variables = _resnet8()
+  x = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
+  logits = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(evaluate.dense_scores(model, variables, x, window=100), logits, atol=1e-5)
+  # A smaller window averages the fc over positions of a sliding pool: different from the global pool here.
+  assert not np.allclose(evaluate.dense_scores(model, variables, x, window=3), logits, atol=1e-3)
+
+
+def test_evaluating_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
+  c = tiny_imagenet_config(tmp_path)
+  with pytest.raises(evaluate.CheckpointNotFoundError, match='No checkpoint under'):
+    evaluate.restore_state(c, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BN recalibration.
+
+def test_bn_recalibration_equals_the_statistics_of_the_data_it_saw():
+  model, variables = _resnet8()
+  key = jax.random.key(3)
+  batches = [2.0 * jax.random.normal(jax.random.fold_in(key, i), (k, 8, 8, 3)) + 0.5 for i, k in enumerate((8, 4, 8))]
+  new = bn_recalibration.recalibrate(model, variables, batches, devices=jax.devices()[:1])
+  # The truth: every BN's input is the output of the conv before it, in the same training-mode passes.
+  stats_model = model.clone(bn_group_size=0)
+  conv_outputs = jax.jit(lambda x: stats_model.apply(
+      variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+      capture_intermediates=lambda mdl, m: type(mdl).__name__ == 'Conv')[1]['intermediates'])
+  convs = {}
+  for x in batches:
+    for path, v in jax.tree_util.tree_flatten_with_path(conv_outputs(x))[0]:
+      keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+      if keys[-1] == '__call__':  # a conv's output (not the sown 'bn_3x3')
+        convs.setdefault(tuple(keys[:-1]), []).append(np.asarray(v))
+  assert len(convs) == len(jax.tree_util.tree_leaves(new['batch_stats'])) // 2
+  bn_of = {'stem_conv': 'stem_bn', 'proj_conv': 'proj_bn', 'conv1': 'bn1', 'conv2': 'bn2'}
+  for names, outs in convs.items():
+    a = np.concatenate(outs).reshape(-1, outs[0].shape[-1]).astype(np.float64)
+    stats = new['batch_stats']
+    for n in names[:-1] + (bn_of[names[-1]],):
+      stats = stats[n]
+    np.testing.assert_allclose(stats['mean'], a.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats['var'], a.var(0), rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(new['params']), jax.tree_util.tree_leaves(variables['params'])):
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision weights.
+
+def _torch_resnet(depth, num_classes):
+  """A ResNet with torchvision's module layout and parameter names, written here (no torchvision needed)."""
+  import torch
+  from torch import nn
+  blocks, bottleneck = models.IMAGENET_STAGES[depth]
+
+  class Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, width, stride, downsample):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(width)
+      self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(width)
+      self.downsample = downsample
+
+    def forward(self, x):
+      y = torch.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return torch.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+  class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride, downsample):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(width)
+      self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5: the stride on the 3x3
+      self.bn2 = nn.BatchNorm2d(width)
+      self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+      self.bn3 = nn.BatchNorm2d(width * 4)
+      self.downsample = downsample
+
+    def forward(self, x):
+      y = torch.relu(self.bn1(self.conv1(x)))
+      y = torch.relu(self.bn2(self.conv2(y)))
+      y = self.bn3(self.conv3(y))
+      return torch.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+  block = Bottleneck if bottleneck else Basic
+
+  class ResNet(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+      self.bn1 = nn.BatchNorm2d(64)
+      self.maxpool = nn.MaxPool2d(3, 2, 1)
+      cin = 64
+      for s, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        layers = []
+        for b in range(n):
+          stride = 2 if s > 0 and b == 0 else 1
+          down = None
+          if stride != 1 or cin != width * block.expansion:
+            down = nn.Sequential(nn.Conv2d(cin, width * block.expansion, 1, stride, bias=False),
+                                 nn.BatchNorm2d(width * block.expansion))
+          layers.append(block(cin, width, stride, down))
+          cin = width * block.expansion
+        setattr(self, f'layer{s + 1}', nn.Sequential(*layers))
+      self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+      x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+      for s in range(4):
+        x = getattr(self, f'layer{s + 1}')(x)
+      return self.fc(x.mean((2, 3)))
+
+  torch.manual_seed(depth)
+  net = ResNet()
+  with torch.no_grad():  # non-trivial BN parameters and running statistics
+    for m in net.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.momentum = None  # cumulative average: the running stats become those of the batches below
+    net.train()
+    for i in range(2):
+      net(torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(i)))
+  return net.eval()
+
+
+def _tv_config(depth, num_classes):
+  c = config_base.imagenet(depth)
+  c.model.num_classes, c.model.shortcut, c.model.bottleneck = num_classes, 'B', 'v1.5'
+  return c
+
+
+@needs_torch
+@pytest.mark.parametrize('depth', [18, 50])
+def test_torchvision_weights_give_the_same_logits(depth):
+  import torch
+  net = _torch_resnet(depth, num_classes=5)
+  sd = {k: v.numpy() for k, v in net.state_dict().items()}
+  c = _tv_config(depth, 5)
+  params, batch_stats = torchvision_weights.convert(sd, c.model)
+  x = np.random.default_rng(0).normal(size=(2, 48, 40, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  model = models.create_model(c.model)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  got = np.asarray(apply({'params': params, 'batch_stats': batch_stats}, x))
+  assert np.abs(want).max() > 0.1  # the logits are not trivially small
+  assert np.abs(got - want).max() < 1e-4
+  if depth == 18:
+    # torchvision's input normalisation folded into the stem: raw 0..255 pixels minus the channel mean.
+    raw = np.random.default_rng(1).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
+    norm = (raw / 255 - torchvision_weights.TORCHVISION_MEAN) / torchvision_weights.TORCHVISION_STD
+    with torch.no_grad():
+      want = net(torch.from_numpy(norm.transpose(0, 3, 1, 2).copy())).numpy()
+    folded = torchvision_weights.fold_input_normalization(params)
+    got = apply({'params': folded, 'batch_stats': batch_stats}, raw - torchvision_weights.TORCHVISION_MEAN * 255)
+    assert np.abs(np.asarray(got) - want).max() < 1e-4
+
+
+def _fake_state_dict(depth=18, num_classes=5):
+  c = _tv_config(depth, num_classes)
+  shapes = jax.eval_shape(lambda: models.create_model(c.model).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                                     train=False))
+  rng = np.random.default_rng(0)
+  sd = {}
+  for key, (col, path) in torchvision_weights.name_map(shapes).items():
+    leaf = shapes[col]
+    for p in path:
+      leaf = leaf[p]
+    shape = leaf.shape
+    shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+    sd[key] = rng.normal(size=shape).astype(np.float32)
+  return c, sd
+
+
+def test_torchvision_name_map_is_explicit_and_mismatches_are_named(tmp_path):
+  c, sd = _fake_state_dict()
+  assert {'conv1.weight', 'bn1.running_var', 'layer2.0.downsample.0.weight', 'layer2.0.downsample.1.weight',
+          'layer4.1.bn2.bias', 'fc.weight', 'fc.bias'} <= set(sd)
+  assert len(sd) == 102  # ResNet-18: 20 convs + 20 BNs x 4 + fc weight and bias
+  params, stats = torchvision_weights.convert(dict(sd, **{'bn1.num_batches_tracked': np.int64(3)}), c.model)
+  np.testing.assert_array_equal(params['stage2_block1']['shortcut']['proj_conv']['kernel'],
+                                sd['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(stats['stage3_block2']['bn1']['mean'], sd['layer3.1.bn1.running_mean'])
+  np.testing.assert_array_equal(params['head']['kernel'], sd['fc.weight'].T)
+  missing = {k: v for k, v in sd.items() if k != 'layer3.1.bn2.running_mean'}
+  with pytest.raises(torchvision_weights.WeightsError, match="lack 1 key.*'layer3.1.bn2.running_mean'"):
+    torchvision_weights.convert(missing, c.model)
+  with pytest.raises(torchvision_weights.WeightsError, match="'layer5.0.conv1.weight'"):
+    torchvision_weights.convert(dict(sd, **{'layer5.0.conv1.weight': np.zeros(1)}), c.model)
+  with pytest.raises(torchvision_weights.WeightsError, match='fc.weight: shape'):
+    torchvision_weights.convert(dict(sd, **{'fc.weight': np.zeros((1000, 512), np.float32)}), c.model)
+  c.model.shortcut = 'A'
+  with pytest.raises(torchvision_weights.WeightsError, match='shortcut=B'):
+    torchvision_weights.convert(sd, c.model)
+  # .npz and .safetensors load without torch.
+  np.savez(tmp_path / 'w.npz', **sd)
+  loaded = torchvision_weights.load_state_dict(str(tmp_path / 'w.npz'))
+  assert set(loaded) == set(sd) and all(np.array_equal(loaded[k], sd[k]) for k in sd)
+  if importlib.util.find_spec('safetensors') is not None:
+    from safetensors.numpy import save_file
+    save_file(sd, str(tmp_path / 'w.safetensors'))
+    loaded = torchvision_weights.load_state_dict(str(tmp_path / 'w.safetensors'))
+    assert set(loaded) == set(sd) and all(np.array_equal(loaded[k], sd[k]) for k in sd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: main trains from the folder through the streaming pipeline; the evaluator reads its checkpoint.
+
+@needs_tf
+def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder, tmp_path):
+  workdir = tmp_path / 'run'
+  args = [f'--config={REPO}/configs/imagenet_18.py', f'--workdir={workdir}', '--config.model.num_classes=3',
+          '--config.data.source=folder', f'--config.data.data_dir={folder}', '--config.data.image_size=32',
+          '--config.data.scale_range=(32,48)', '--config.data.eval_resize=36', '--config.data.mean_examples=0',
+          '--config.batch_size=8', '--config.bn_group_size=2', '--config.eval_batch_size=4',
+          '--config.num_steps=2', '--config.lr_boundaries=(1,)', '--config.log_every_steps=2',
+          '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2']
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  r = subprocess.run([sys.executable, '-m', 'resnet_jax.main'] + args, cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '(streamed)' in r.stdout
+  rows = metrics_io.read_metrics(str(workdir / 'metrics.jsonl'))
+  assert [row['step'] for row in rows] == [2]
+  assert 0 <= rows[0]['val_error'] <= 1 and np.isfinite(rows[0]['train_loss'])
+  assert (workdir / 'pixel_mean.npy').exists()
+  # The evaluator restores the checkpoint and counts each of the 9 validation images once.
+  c = tiny_imagenet_config(folder)
+  result = evaluate.run(c, str(workdir), 'center')
+  assert result['count'] == 9 and result['step'] == 2
+  assert result['top1_error'] == pytest.approx(rows[0]['val_error'])
+  assert json.load(open(workdir / 'eval_center_step2.json'))['count'] == 9
+
+
+@needs_tf
+def test_bn_recalibration_from_the_training_stream(folder):
+  c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
+  model, variables = _resnet8()
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    bn_recalibration.recalibrate_from_config(c, model, variables, np.zeros(3, np.float32), 4)
+  new = bn_recalibration.recalibrate_from_config(c, model, variables, np.zeros(3, np.float32), 16)
+  stem = new['batch_stats']['stem_bn']
+  # Fresh statistics are mean 0 / var 1; 0..255 pixels through the stem conv give something else entirely.
+  assert np.all(np.isfinite(stem['var'])) and np.abs(np.asarray(stem['mean'])).max() > 1
+  assert set(new['batch_stats']) == set(variables['batch_stats'])
