@@ -167,20 +167,39 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   step_fn = train.make_train_step(config, model, mesh)
   eval_fn = train.make_eval_fn(model, mesh)
 
-  writer = metrics_io.MetricsWriter(workdir, start_step, enabled=is_main)
-  progress = metrics_io.Progress(config.num_steps, start_step, enabled=is_main)
   if is_main:
     print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
           f'({config.model.family}) on {len(ds.train_labels)} images of {config.data.dataset}, '
           f'{num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), '
           f'batch {config.batch_size}, {config.num_steps} steps, workdir {workdir}', flush=True)
 
+
+  def eval_rows(state, step):
+    row = {}
+    for i, (name, batches) in enumerate(eval_splits.items()):
+      sums = eval_fn(state, batches, mean_d)
+      if i == 0:
+        faults.point('eval', step)
+      row.update(_summarise(sums, name))
+    return row
+
+  return _run_loop(config, workdir, ckpt, state, start_step, is_main, replicated,
+                   lambda state: step_fn(state, train_images, train_labels, mean_d), eval_rows)
+
+
+def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, next_state,
+              eval_rows) -> dict:
+  """The training loop both data paths share: `next_state(state)` takes one step, `eval_rows(state, step)` returns
+  the evaluation entries of a metrics line. Logging, evaluation, checkpoint cadence, non-finite checks, signals and
+  the final plot live here once. `replicated` is the sharding of the state."""
+  writer = metrics_io.MetricsWriter(workdir, start_step, enabled=is_main)
+  progress = metrics_io.Progress(config.num_steps, start_step, enabled=is_main)
   last = {}
   window_start, window_step = time.time(), start_step
   step = start_step
   with _StopRequest() as stop:
     while step < config.num_steps:
-      state = step_fn(state, train_images, train_labels, mean_d)
+      state = next_state(state)
       step += 1
       if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
         stop.signal = signal.SIGTERM
@@ -201,11 +220,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
         window_start, window_step = now, step
         state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
       if step % config.eval_every_steps == 0 or final:
-        for i, (name, batches) in enumerate(eval_splits.items()):
-          sums = eval_fn(state, batches, mean_d)
-          if i == 0:
-            faults.point('eval', step)
-          row.update(_summarise(sums, name))
+        row.update(eval_rows(state, step))
       if row:
         writer.write(step, row)
         progress.print(step, row)
@@ -281,53 +296,21 @@ def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = Fals
   batches = imagenet_input.prefetch_to_device(stream, NamedSharding(mesh, P(train.DATA_AXIS)),
                                               config.data.prefetch_to_device)
 
-  writer = metrics_io.MetricsWriter(workdir, start_step, enabled=is_main)
-  progress = metrics_io.Progress(config.num_steps, start_step, enabled=is_main)
   if is_main:
     print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
           f'({config.model.family}) on {info.num_examples} images of {config.data.dataset} (streamed), '
           f'{num_devices} device(s) ({jax.devices()[0].platform}), batch {config.batch_size}, '
           f'{config.num_steps} steps, workdir {workdir}', flush=True)
 
-  last = {}
-  window_start, window_step = time.time(), start_step
-  step = start_step
-  with _StopRequest() as stop:
-    while step < config.num_steps:
-      images, labels = next(batches)
-      state = step_fn(state, images, labels)
-      step += 1
-      if distributed.preemption_reached(step):
-        stop.signal = signal.SIGTERM
-      final = step == config.num_steps
-      row = {}
-      if step % config.log_every_steps == 0 or final or stop.signal:
-        sums = jax.device_get(state.train_sums)
-        _check_nonfinite(config, sums, step, ckpt, log_point=True)
-        row.update(_summarise(sums, 'train'))
-        row['lr'] = float(sums['lr'])
-        now = time.time()
-        row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
-        window_start, window_step = now, step
-        state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
-      if has_val and (step % config.eval_every_steps == 0 or final):
-        r = evaluate.evaluate(config, model, evaluate.local_variables(state), mean, 'center')
-        row.update(val_loss=r['loss'], val_error=r['top1_error'], val_top5_error=r['top5_error'])
-      if row:
-        writer.write(step, row)
-        progress.print(step, row)
-        last = {'step': step, **row}
-      if step % config.checkpoint_every_steps == 0 or final or stop.signal:
-        ckpt.save(state, force=bool(stop.signal))
-      if stop.signal and not final:
-        ckpt.wait()
-        if is_main:
-          print(f'Stopped by signal {stop.signal} at step {step}; checkpoint written. '
-                'Run the same command to resume.', flush=True)
-        break
-  ckpt.close()
-  writer.close()
-  if is_main:
-    plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}':
-                          metrics_io.read_metrics(writer.path)}, os.path.join(workdir, 'curves.png'))
-  return last
+
+  def eval_rows(state, step):
+    if not has_val:
+      return {}
+    r = evaluate.evaluate(config, model, evaluate.local_variables(state), mean, 'center')
+    return dict(val_loss=r['loss'], val_error=r['top1_error'], val_top5_error=r['top5_error'])
+
+  def next_state(state):
+    images, labels = next(batches)
+    return step_fn(state, images, labels)
+
+  return _run_loop(config, workdir, ckpt, state, start_step, is_main, replicated, next_state, eval_rows)
