@@ -73,6 +73,13 @@ def base() -> ml_collections.ConfigDict:
   # and counts them (metrics.jsonl field skipped_steps).
   c.nonfinite_loss = 'stop'         # 'stop' | 'skip'
 
+  # The device mesh. The step is data-parallel: the batch is split over every axis, parameters are replicated.
+  # One 'data' axis over all devices by default; e.g. axes=('replica', 'data'), shape=(2, -1) on two slices/hosts
+  # lets the compiler all-reduce within each group first. -1 takes the remaining devices. BN groups
+  # (bn_group_size) mean the same thing on any mesh.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = ('data',)
+  c.mesh.shape = (-1,)
   c.seed = 0
   c.log_every_steps = 100
   c.eval_every_steps = 2_000

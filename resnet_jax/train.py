@@ -165,7 +165,7 @@ def cross_entropy(logits, labels):
 
 def train_step(config, model, mesh, state: TrainState, images, labels, mean):
   """One SGD step on the batch of `state.step`. `images` (uint8) and `labels` are the whole training set."""
-  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  batch_sharding = NamedSharding(mesh, batch_spec(mesh))
   idx = jax.lax.with_sharding_constraint(batch_indices(config, images.shape[0], state.step), batch_sharding)
   aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
   x = augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip)
@@ -229,7 +229,7 @@ def guard_nonfinite(config, old: TrainState, new: TrainState, loss) -> TrainStat
 def make_batch_train_step(config, model, mesh):
   """The step for streamed data (imagenet_input.py): takes a batch already augmented on the host, sharded over
   the mesh's 'data' axis."""
-  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh))
   return jax.jit(functools.partial(sgd_update, config, model), in_shardings=(replicated, batch, batch),
                  out_shardings=replicated, donate_argnums=(0,))
 
@@ -272,16 +272,37 @@ def evaluate(model, state: TrainState, batches, mean):
 
 def make_eval_fn(model, mesh):
   replicated = NamedSharding(mesh, P())
-  split = NamedSharding(mesh, P(None, DATA_AXIS))  # each batch sharded over the devices
+  split = NamedSharding(mesh, batch_spec(mesh, None))  # each batch sharded over the devices
   return jax.jit(functools.partial(evaluate, model), in_shardings=(replicated, (split, split, split), replicated),
                  out_shardings=replicated)
 
 
 def place_split(mesh, images, labels, batch_size):
-  split = NamedSharding(mesh, P(None, DATA_AXIS))
+  split = NamedSharding(mesh, batch_spec(mesh, None))
   return tuple(jax.device_put(a, split) for a in pad_to_batches(images, labels, batch_size))
 
 
-def make_mesh(devices=None) -> Mesh:
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices, (DATA_AXIS,))
+def make_mesh(devices=None, mesh_config=None) -> Mesh:
+  """The device mesh: `config.mesh.axes` and `.shape` (one -1 takes the remaining devices); by default a single
+  `data` axis over every device. Training is data-parallel over all axes (see `batch_spec`); a second axis such as
+  ('replica', 'data') lets the compiler reduce gradients hierarchically (within a slice or host, then across)."""
+  devices = np.asarray(devices if devices is not None else jax.devices()).ravel()
+  axes, shape = (DATA_AXIS,), (-1,)
+  if mesh_config is not None:
+    axes, shape = tuple(mesh_config.axes), tuple(int(d) for d in mesh_config.shape)
+  if len(axes) != len(shape) or len(set(axes)) != len(axes) or shape.count(-1) > 1 or \
+      any(d == 0 or d < -1 for d in shape):
+    raise ValueError(f'config.mesh: axes={axes} and shape={shape} need one distinct name per dimension and sizes '
+                     '>= 1, with at most one -1 (the remaining devices); e.g. axes=("data",), shape=(-1,).')
+  known = int(np.prod([d for d in shape if d != -1]))
+  if devices.size % known or (-1 not in shape and known != devices.size):
+    raise ValueError(f'config.mesh.shape={shape} does not fit the {devices.size} devices: the sizes must multiply '
+                     f'to {devices.size} (use -1 for one axis to take the rest).')
+  return Mesh(devices.reshape(tuple(devices.size // known if d == -1 else d for d in shape)), axes)
+
+
+def batch_spec(mesh: Mesh, *leading) -> P:
+  """The PartitionSpec of a batch: its example dimension (after `leading` unsharded ones) split over every mesh
+  axis, so each device holds global_batch / num_devices examples whatever the mesh's shape."""
+  names = mesh.axis_names
+  return P(*leading, names[0] if len(names) == 1 else tuple(names))

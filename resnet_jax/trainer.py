@@ -113,7 +113,7 @@ def _summarise(sums: dict, prefix: str) -> dict:
 
 def _place_split(mesh, images, labels, batch_size):
   """An eval split as padded batches sharded over the devices; each process transfers only its own columns."""
-  split = NamedSharding(mesh, P(None, train.DATA_AXIS))
+  split = NamedSharding(mesh, train.batch_spec(mesh, None))
   return tuple(distributed.shard_from_host(split, a) for a in train.pad_to_batches(images, labels, batch_size))
 
 
@@ -125,7 +125,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   as it was. A run killed at any point and started again with the same command ends as if never interrupted."""
   if config.data.get('streaming', False):  # ImageNet: batches stream from disk (imagenet_input.py)
     return train_and_evaluate_streaming(config, workdir, force_resume, devices)
-  mesh = train.make_mesh(devices)
+  mesh = train.make_mesh(devices, config.get('mesh'))
   num_devices = mesh.devices.size
   train.validate(config, num_devices)
   models.validate_model_config(config.model)
@@ -255,7 +255,7 @@ def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = Fals
   validation split is evaluated with the centre-crop protocol (evaluate.py). Checkpoints, logging and signals
   work as in `train_and_evaluate`; a resumed run draws a fresh shuffle (the tf.data position is not saved)."""
   from resnet_jax import evaluate, imagenet_input
-  mesh = train.make_mesh(devices)
+  mesh = train.make_mesh(devices, config.get('mesh'))
   num_devices = mesh.devices.size
   train.validate(config, num_devices)
   models.validate_model_config(config.model)
@@ -293,7 +293,7 @@ def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = Fals
   mean = imagenet_input.input_mean(config.data, workdir)
   step_fn = train.make_batch_train_step(config, model, mesh)
   stream = imagenet_input.train_dataset(config, mean, seed_offset=start_step).as_numpy_iterator()
-  batches = imagenet_input.prefetch_to_device(stream, NamedSharding(mesh, P(train.DATA_AXIS)),
+  batches = imagenet_input.prefetch_to_device(stream, NamedSharding(mesh, train.batch_spec(mesh)),
                                               config.data.prefetch_to_device)
 
   if is_main:

@@ -173,3 +173,26 @@ def test_eval_counts_every_example():
 def test_bad_run_shapes_are_refused_with_what_to_change(overrides, message):
   with pytest.raises(ValueError, match=message):
     train.validate(tiny_config(**overrides), 4)
+
+
+def test_a_two_axis_mesh_from_config_gives_the_same_step_as_one_device():
+  config = tiny_config()
+  config.mesh.axes, config.mesh.shape = ('replica', 'data'), (2, -1)
+  mesh = train.make_mesh(jax.devices()[:4], config.mesh)
+  assert dict(mesh.shape) == {'replica': 2, 'data': 2}
+  ds = data.load(config.data)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  rep = NamedSharding(mesh, P())
+  state = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], 10), out_shardings=rep)()
+  args = [jax.device_put(a, rep) for a in (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))]
+  state = jax.device_get(train.make_train_step(config, model, mesh)(state, *args))
+  _assert_states_close(state, _one_step(tiny_config(), jax.devices()[:1]))
+
+
+@pytest.mark.parametrize('axes,shape', [(('data',), (3,)), (('a', 'b'), (-1, -1)), (('data',), (0,)),
+                                        (('a', 'a'), (2, 2)), (('data',), (2, 2))])
+def test_a_mesh_that_does_not_fit_the_devices_is_refused(axes, shape):
+  config = tiny_config()
+  config.mesh.axes, config.mesh.shape = axes, shape
+  with pytest.raises(ValueError, match='config.mesh'):
+    train.make_mesh(jax.devices()[:4], config.mesh)
