@@ -117,6 +117,28 @@ def _place_split(mesh, images, labels, batch_size):
   return tuple(distributed.shard_from_host(split, a) for a in train.pad_to_batches(images, labels, batch_size))
 
 
+def _start(config, workdir: str, mesh, image_shape, force_resume: bool, is_main: bool):
+  """Checks the config against the workdir's, builds the model, restores the newest intact checkpoint or
+  initialises, then records the config. Returns (model, checkpointer, state, start_step, replicated sharding)."""
+  config_path = os.path.join(workdir, 'config.json')
+  _check_resume_config(config_path, config, force_resume)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  replicated = NamedSharding(mesh, P())
+  init = jax.jit(lambda: train.init_state(config, model, image_shape, config.model.num_classes),
+                 out_shardings=replicated)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
+  # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
+  state, start_step = ckpt.restore_latest(jax.eval_shape(init), report=print if is_main else lambda _: None)
+  if not start_step:
+    state = init()
+  if start_step and is_main:
+    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
+  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
+  if is_main:
+    _write_config(config_path, config)
+  return model, ckpt, state, start_step, replicated
+
+
 def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest intact checkpoint. Returns the last metrics written
   (with 'stopped_by_signal' when SIGTERM/SIGINT ended the run early).
@@ -139,23 +161,8 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   if len(ds.train_labels) < config.batch_size:
     raise ValueError(f'The training split has {len(ds.train_labels)} examples, fewer than config.batch_size='
                      f'{config.batch_size}.')
-  config_path = os.path.join(workdir, 'config.json')
-  _check_resume_config(config_path, config, force_resume)
-
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  replicated = NamedSharding(mesh, P())
-  init = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], ds.num_classes),
-                 out_shardings=replicated)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
-  # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
-  state, start_step = ckpt.restore_latest(jax.eval_shape(init), report=print if is_main else lambda _: None)
-  if not start_step:
-    state = init()
-  if start_step and is_main:
-    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
-  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
-  if is_main:
-    _write_config(config_path, config)
+  model, ckpt, state, start_step, replicated = _start(config, workdir, mesh, ds.train_images.shape[1:],
+                                                      force_resume, is_main)
 
   mean = augment.pixel_mean(ds.train_images)
   train_images, train_labels, mean_d = (jax.device_put(a, replicated) for a in
@@ -274,22 +281,9 @@ def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = Fals
   except data.DatasetNotFoundError:
     has_val = False
 
-  config_path = os.path.join(workdir, 'config.json')
-  _check_resume_config(config_path, config, force_resume)
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  replicated = NamedSharding(mesh, P())
   size = config.data.image_size
-  init = jax.jit(lambda: train.init_state(config, model, (size, size, 3), config.model.num_classes),
-                 out_shardings=replicated)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
-  state, start_step = ckpt.restore_latest(jax.eval_shape(init), report=print if is_main else lambda _: None)
-  if not start_step:
-    state = init()
-  if start_step and is_main:
-    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
-  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
-  if is_main:
-    _write_config(config_path, config)
+  model, ckpt, state, start_step, replicated = _start(config, workdir, mesh, (size, size, 3), force_resume,
+                                                      is_main)
   mean = imagenet_input.input_mean(config.data, workdir)
   step_fn = train.make_batch_train_step(config, model, mesh)
   stream = imagenet_input.train_dataset(config, mean, seed_offset=start_step).as_numpy_iterator()
