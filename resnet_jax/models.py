@@ -44,6 +44,19 @@ IMAGENET_FILTERS = (64, 128, 256, 512)  # Table 1; bottleneck outputs are 4x the
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
+def relu(x):
+  """max(x, 0), written as x * (x > 0) so that XLA stores each block's output once instead of recomputing it.
+
+  The same values and the same gradient as `nn.relu` (bitwise; NaN still propagates), but a two-operand product
+  where `max(x, 0)` is a one-operand op. XLA's fusion pass freely duplicates one-operand elementwise ops into every
+  consumer; with `max` it rebuilt each residual-stream activation from all earlier blocks' convolution outputs
+  inside the backward pass (one fusion per block reading every earlier block of the stage), so the CPU step time
+  grew with the square of the depth. A two-operand op with a consumer that cannot fuse it (the next convolution)
+  is computed once. `tests/test_models.py::test_backward_work_per_block_does_not_grow_with_depth` keeps it so.
+  """
+  return x * (x > 0).astype(x.dtype)
+
+
 def _conv(conv: ModuleDef, filters: int, kernel: int, strides: int = 1, name: str | None = None):
   """A conv with symmetric padding kernel // 2 (as Caffe and torchvision), so strided outputs align."""
   pad = kernel // 2
@@ -94,13 +107,13 @@ class BasicBlock(nn.Module):
     y = _conv(self.conv, self.filters, 3, self.strides, name='conv1')(x)
     y = self.norm(name='bn1')(y)
     self.sow('intermediates', 'bn_3x3', y)
-    y = nn.relu(y)
+    y = relu(y)
     y = _conv(self.conv, self.filters, 3, 1, name='conv2')(y)
     y = self.last_norm(name='bn2')(y)
     self.sow('intermediates', 'bn_3x3', y)
     if self.shortcut is not None:
       y = y + Shortcut(self.filters, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
-    return nn.relu(y)
+    return relu(y)
 
 
 class BottleneckBlock(nn.Module):
@@ -123,16 +136,16 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x):
     s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
     y = _conv(self.conv, self.filters, 1, s1, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = relu(self.norm(name='bn1')(y))
     y = _conv(self.conv, self.filters, 3, s3, name='conv2')(y)
     y = self.norm(name='bn2')(y)
     self.sow('intermediates', 'bn_3x3', y)
-    y = nn.relu(y)
+    y = relu(y)
     y = _conv(self.conv, self.filters * 4, 1, 1, name='conv3')(y)
     y = self.last_norm(name='bn3')(y)
     if self.shortcut is not None:
       y = y + Shortcut(self.filters * 4, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
-    return nn.relu(y)
+    return relu(y)
 
 
 class _ScanBody(nn.Module):
@@ -191,10 +204,10 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
       x = _conv(conv, self.stage_filters[0], 3, 1, name='stem_conv')(x)
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = relu(norm(name='stem_bn')(x))
     else:
       x = _conv(conv, 64, 7, 2, name='stem_conv')(x)
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = relu(norm(name='stem_bn')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     for s, (blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):

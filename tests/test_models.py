@@ -172,6 +172,40 @@ def test_zeroed_plain_block_is_not_identity():
   assert not np.allclose(y, x)
 
 
+def test_relu_matches_nn_relu_in_value_and_gradient():
+  x = jnp.array([-2.0, -0.5, 0.0, 0.25, 3.0, jnp.nan])
+  np.testing.assert_array_equal(models.relu(x), nn.relu(x))  # NaN stays NaN (a diverged run is still seen)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    v = x[:-1].astype(dtype)
+    np.testing.assert_array_equal(jax.grad(lambda t: (models.relu(t) * jnp.arange(5.0)).sum())(v),
+                                  jax.grad(lambda t: (nn.relu(t) * jnp.arange(5.0)).sum())(v))
+
+
+def _largest_fusion_in_backward(depth: int) -> int:
+  """Most operands read by any one fused kernel of the compiled CIFAR training gradient (tiny batch, CPU)."""
+  model = models.create_model(cifar_model_config(depth))
+  x = jnp.ones((4, 16, 16, 3))
+  variables = _init(model, x[:2])
+
+  def loss(params):
+    out, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+                         mutable=['batch_stats'])
+    return out.sum()
+
+  hlo = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
+  return max(line.split(' fusion(', 1)[1].split('), kind=', 1)[0].count('%')
+             for line in hlo.splitlines() if ' fusion(' in line)
+
+
+def test_backward_work_per_block_does_not_grow_with_depth():
+  """With `max(x, 0)` as the ReLU, XLA rebuilt every residual-stream activation inside the backward pass from the
+  convolution outputs of all earlier blocks of the stage (a fusion reading ~4 operands per earlier block: 24 for
+  ResNet-20, 40 for ResNet-44 here), so the CPU step grew with the square of the depth (docs/performance.md). Our
+  `models.relu` makes XLA store each block output once: the largest fused kernel is the same size at any depth."""
+  shallow, deep = _largest_fusion_in_backward(20), _largest_fusion_in_backward(44)
+  assert deep <= shallow + 2, (shallow, deep)
+
+
 def test_zero_init_last_bn_option_makes_every_block_identity_at_init():
   c = cifar_model_config(14)
   c.zero_init_last_bn = True
