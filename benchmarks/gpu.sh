@@ -53,6 +53,16 @@ ours "CIFAR-56 bf16, autotuning off" "--xla_gpu_autotune_level=0" --config=confi
   --config.model.dtype=bfloat16 --config.bn_group_size=0 --steps=50
 ours "CIFAR-56 bf16, paper BN groups of 64" "" --config=configs/cifar_56.py --config.model.dtype=bfloat16 --steps=50
 
+# Our ReLU (x * (x > 0)) against max(x, 0): on the CPU the latter made the backward pass quadratic in depth.
+if (( DEADLINE - SECONDS >= 60 )); then
+  echo "=== ReLU A/B, forward and forward+backward of the model alone (fp32, batch 128)"
+  for relu in ours max; do
+    timeout 40 python3 benchmarks/forward_backward.py --depths 56 110 --repeats 20 --relu $relu | tee -a "$OUT/gpu_relu.jsonl"
+  done
+else
+  echo "SKIPPED (out of time): ReLU A/B"
+fi
+
 echo "=== summary (${SECONDS}s)"
 python3 - "$RES" <<'PYEOF'
 import json, sys

@@ -159,7 +159,29 @@ def test_scanned_blocks_compute_the_same_network():
   run = lambda m, v: jax.jit(lambda v: m.apply(v, x, train=True, mutable=['batch_stats']))(v)
   (y_plain, s_plain), (y_scan, s_scan) = run(plain, v_plain), run(scanned, v_scan)
   np.testing.assert_allclose(y_scan, y_plain, rtol=1e-5, atol=1e-5)
+  # And the same gradients (the scanned convolutions bring their own gradient rule).
+  loss = lambda m: lambda p, v: m.apply({**v, 'params': p}, x, train=True, mutable=['batch_stats'])[0].sum()
+  g_plain = jax.jit(jax.grad(loss(plain)))(v_plain['params'], v_plain)
+  g_scan = jax.jit(jax.grad(loss(scanned)))(v_scan['params'], v_scan)
+  g_expected = _stack_unrolled_into_scanned(g_plain, g_scan)
+  for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # The moving averages of the scanned blocks land in the same (stacked) places.
   s_expected = _stack_unrolled_into_scanned(s_plain['batch_stats'], s_scan['batch_stats'])
   for a, b in zip(jax.tree_util.tree_leaves(s_scan['batch_stats']), jax.tree_util.tree_leaves(s_expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_backward_keeps_every_convolution_in_the_fast_layout():
+  """Inside a scan body XLA:CPU does not rewrite convolutions into the one layout its fast kernels take, so the
+  gradient convolutions of autodiff ran in its generic loop (a ResNet-56 step: 75 s instead of 1.2 s). The scanned
+  blocks write their gradients in that layout themselves (`models.conv_with_explicit_gradients`)."""
+  config = tiny_config(**{'model.depth': 20})
+  config.model.scan_blocks = True
+  model = models.create_model(config.model, bn_group_size=0)
+  x = jnp.ones((4, 16, 16, 3))  # 4x4 maps in stage 3: smaller ones turn the 3x3 kernel into a special case
+  v = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
+  loss = lambda p: model.apply({**v, 'params': p}, x, train=True, mutable=['batch_stats'])[0].sum()
+  hlo = jax.jit(jax.grad(loss)).lower(v['params']).compile().as_text()
+  layouts = [line.split('dim_labels=', 1)[1].split(',', 1)[0] for line in hlo.splitlines() if ' convolution(' in line]
+  assert len(layouts) >= 19 and set(layouts) == {'b01f_01io->b01f'}, sorted(set(layouts))

@@ -1,4 +1,5 @@
 """Architecture facts from the paper: parameter counts, multiply-adds, shapes, the identity of a zeroed block."""
+import functools
 import json
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 import flax.linen as nn
@@ -179,6 +181,28 @@ def test_relu_matches_nn_relu_in_value_and_gradient():
     v = x[:-1].astype(dtype)
     np.testing.assert_array_equal(jax.grad(lambda t: (models.relu(t) * jnp.arange(5.0)).sum())(v),
                                   jax.grad(lambda t: (nn.relu(t) * jnp.arange(5.0)).sum())(v))
+
+
+@pytest.mark.parametrize('kernel,padding,strides', [
+    (3, ((1, 1), (1, 1)), (1, 1)),  # the CIFAR 3x3 convs
+    (1, ((0, 0), (0, 0)), (1, 1)),  # bottleneck 1x1 convs
+    (3, ((0, 2), (1, 0)), (1, 1)),  # uneven padding
+    (3, ((1, 1), (1, 1)), (2, 2)),  # strided: falls through to lax.conv_general_dilated
+])
+def test_conv_with_explicit_gradients_matches_lax(kernel, padding, strides):
+  dn = lax.conv_dimension_numbers((2, 7, 6, 5), (kernel, kernel, 5, 4), ('NHWC', 'HWIO', 'NHWC'))
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 5, 4))
+  dy_seed = jax.random.key(2)
+
+  def loss(conv, x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=dn)
+    return (y * jax.random.normal(dy_seed, y.shape)).sum()
+
+  ours = jax.value_and_grad(functools.partial(loss, models.conv_with_explicit_gradients), (0, 1))(x, w)
+  ref = jax.value_and_grad(functools.partial(loss, lax.conv_general_dilated), (0, 1))(x, w)
+  for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _largest_fusion_in_backward(depth: int) -> int:
