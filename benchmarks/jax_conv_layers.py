@@ -1,0 +1,42 @@
+"""Our time for one 3x3 conv layer of each CIFAR stage (batch 128, NHWC, float32): forward, and forward with the
+input and weight gradients. The counterpart of `benchmarks/torch_conv_layers.py`; run it with and without
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce` (convs on XLA's Eigen kernels, not YNNPACK) and
+pinned to one core or not, to see which conv library uses how many threads.
+
+  [XLA_FLAGS=...] [taskset -c 0] python benchmarks/jax_conv_layers.py [--repeats 20]
+"""
+import argparse
+import os
+import time
+
+import jax
+from jax import lax
+
+
+def _ms(fn, *args, repeats):
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--repeats', type=int, default=20)
+  args = ap.parse_args()
+  print(f'jax {jax.__version__}, {len(os.sched_getaffinity(0))} core(s), XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  grads = lambda x, w: jax.grad(lambda x, w: (conv(x, w) * x).sum(), (0, 1))(x, w)
+  for channels, size in ((16, 32), (32, 16), (64, 8)):
+    x = jax.random.normal(jax.random.key(0), (128, size, size, channels))
+    w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels))
+    print(f'{channels:3d} channels at {size}x{size}: forward {_ms(conv, x, w, repeats=args.repeats):6.2f} ms, '
+          f'forward + input and weight gradients {_ms(grads, x, w, repeats=args.repeats):6.2f} ms')
+
+
+if __name__ == '__main__':
+  main()
