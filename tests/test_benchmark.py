@@ -185,3 +185,20 @@ def test_scanned_backward_keeps_every_convolution_in_the_fast_layout():
   hlo = jax.jit(jax.grad(loss)).lower(v['params']).compile().as_text()
   layouts = [line.split('dim_labels=', 1)[1].split(',', 1)[0] for line in hlo.splitlines() if ' convolution(' in line]
   assert len(layouts) >= 19 and set(layouts) == {'b01f_01io->b01f'}, sorted(set(layouts))
+
+
+def test_op_profile_attributes_the_step_to_kernel_kinds():
+  """benchmarks/op_profile.py reads jax.profiler's trace through a private jax module: keep it working."""
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_cpu_multi_thread_eigen=false')
+  p = subprocess.run([sys.executable, 'benchmarks/op_profile.py', '--depth', '8', '--batch', '4', '--top', '40'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  lines = p.stdout.strip().splitlines()
+  total_ms = float(lines[0].split('kernels ')[1].split(' ms')[0])
+  rows = [line.split(None, 3) for line in lines[2:]]
+  assert total_ms > 0 and sum(float(r[0]) for r in rows) == pytest.approx(total_ms, rel=0.02, abs=0.1)
+  kinds = {r[3] for r in rows}
+  # ResNet-8: a stem conv and 3 stages of 2 convs, each with a forward, an input-gradient (not for the stem) and a
+  # weight-gradient conv; all 3x3, so the 3x3 windows (forward and input gradient) come as 4 output shapes.
+  assert sum(int(r[1]) for r in rows if r[3].startswith('conv 3x3')) == 7 + 6
+  assert 'elementwise' in kinds and any(k.startswith('reduce') for k in kinds)
