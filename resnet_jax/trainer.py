@@ -175,10 +175,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   eval_fn = train.make_eval_fn(model, mesh)
 
   if is_main:
-    print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
-          f'({config.model.family}) on {len(ds.train_labels)} images of {config.data.dataset}, '
-          f'{num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), '
-          f'batch {config.batch_size}, {config.num_steps} steps, workdir {workdir}', flush=True)
+    _announce(config, workdir, f'{len(ds.train_labels)} images of {config.data.dataset}', num_devices)
 
 
   def eval_rows(state, step):
@@ -192,6 +189,13 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
 
   return _run_loop(config, workdir, ckpt, state, start_step, is_main, replicated,
                    lambda state: step_fn(state, train_images, train_labels, mean_d), eval_rows)
+
+
+def _announce(config, workdir, data: str, num_devices: int) -> None:
+  """The one line a run prints before its first step: network, data, devices, batch, steps, workdir."""
+  print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} ({config.model.family}) '
+        f'on {data}, {num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), '
+        f'batch {config.batch_size}, {config.num_steps} steps, workdir {workdir}', flush=True)
 
 
 def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, next_state,
@@ -291,10 +295,7 @@ def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = Fals
                                               config.data.prefetch_to_device)
 
   if is_main:
-    print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} '
-          f'({config.model.family}) on {info.num_examples} images of {config.data.dataset} (streamed), '
-          f'{num_devices} device(s) ({jax.devices()[0].platform}), batch {config.batch_size}, '
-          f'{config.num_steps} steps, workdir {workdir}', flush=True)
+    _announce(config, workdir, f'{info.num_examples} images of {config.data.dataset} (streamed)', num_devices)
 
 
   def eval_rows(state, step):
