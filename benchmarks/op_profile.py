@@ -7,7 +7,8 @@ Compiles jit(grad(loss)) of the model alone (BN over the whole batch, float32, b
 and output shape (a 3x3 window is a forward or input-gradient conv, a 32x32/16x16/8x8 window a weight-gradient conv),
 transposes/copies, reductions and other elementwise fusions. On one core without Eigen's thread pool the kernels
 run one after another, so the sum is the step time; with several threads, kernels overlap and the sum exceeds it.
-`--relu max` profiles the network with max(x, 0) instead of `models.relu` (see docs/performance.md).
+`--relu max` profiles the network with max(x, 0) instead of `models.relu`, `--scan_blocks` the scanned variant
+(see docs/performance.md).
 """
 import argparse
 import collections
@@ -65,10 +66,13 @@ def main():
   ap.add_argument('--batch', type=int, default=128)
   ap.add_argument('--top', type=int, default=25)
   ap.add_argument('--relu', choices=('ours', 'max'), default='ours')
+  ap.add_argument('--scan_blocks', action='store_true', help='Profile the scanned-blocks variant of the model.')
   args = ap.parse_args()
   if args.relu == 'max':
     models.relu = nn.relu
-  model = models.create_model(config_base.cifar(args.depth).model, bn_group_size=0)
+  model_config = config_base.cifar(args.depth).model
+  model_config.scan_blocks = args.scan_blocks
+  model = models.create_model(model_config, bn_group_size=0)
   x = jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3))
   variables = model.init(jax.random.key(0), x[:2], train=False)
 
@@ -99,7 +103,7 @@ def main():
           seconds[kinds[event.name]] += event.duration_ns / 1e9
           count[kinds[event.name]] += 1
   total = sum(seconds.values())
-  print(f'ResNet-{args.depth} (relu={args.relu}), batch {args.batch}: step {wall * 1e3:.1f} ms wall, '
+  print(f'ResNet-{args.depth} (relu={args.relu}, scan_blocks={args.scan_blocks}), batch {args.batch}: step {wall * 1e3:.1f} ms wall, '
         f'kernels {total * 1e3:.1f} ms in all')
   print(f'{"ms":>8} {"kernels":>7} {"share":>6}  kind')
   for kind, s in seconds.most_common(args.top):

@@ -147,12 +147,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   as it was. A run killed at any point and started again with the same command ends as if never interrupted."""
   if config.data.get('streaming', False):  # ImageNet: batches stream from disk (imagenet_input.py)
     return train_and_evaluate_streaming(config, workdir, force_resume, devices)
-  mesh = train.make_mesh(devices, config.get('mesh'))
-  num_devices = mesh.devices.size
-  train.validate(config, num_devices)
-  models.validate_model_config(config.model)
-  _check_workdir(workdir)
-  is_main = jax.process_index() == 0
+  mesh, num_devices, is_main = _check_run(config, workdir, devices)
 
   ds = data.load(config.data)
   if ds.num_classes != config.model.num_classes:
@@ -189,6 +184,16 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
 
   return _run_loop(config, workdir, ckpt, state, start_step, is_main, replicated,
                    lambda state: step_fn(state, train_images, train_labels, mean_d), eval_rows)
+
+
+def _check_run(config, workdir, devices):
+  """The checks every run makes before touching anything: mesh, config, model, workdir. Returns the mesh, its
+  device count and whether this is the process that writes logs."""
+  mesh = train.make_mesh(devices, config.get('mesh'))
+  train.validate(config, mesh.devices.size)
+  models.validate_model_config(config.model)
+  _check_workdir(workdir)
+  return mesh, mesh.devices.size, jax.process_index() == 0
 
 
 def _announce(config, workdir, data: str, num_devices: int) -> None:
@@ -266,12 +271,7 @@ def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = Fals
   validation split is evaluated with the centre-crop protocol (evaluate.py). Checkpoints, logging and signals
   work as in `train_and_evaluate`; a resumed run draws a fresh shuffle (the tf.data position is not saved)."""
   from resnet_jax import evaluate, imagenet_input
-  mesh = train.make_mesh(devices, config.get('mesh'))
-  num_devices = mesh.devices.size
-  train.validate(config, num_devices)
-  models.validate_model_config(config.model)
-  _check_workdir(workdir)
-  is_main = jax.process_index() == 0
+  mesh, num_devices, is_main = _check_run(config, workdir, devices)
 
   info = imagenet_input.split_info(config.data, 'train')
   if len(info.class_names) != config.model.num_classes:
