@@ -5,7 +5,7 @@
 Times jit(forward) and jit(grad(forward)) of the model alone (BN in training mode over the whole batch, no optimiser,
 no augmentation), float32, on the default device. Prints one JSON line per (depth, part).
 
-`--relu max` swaps our `models.relu` (x * (x > 0)) for `flax.linen.relu` (max(x, 0)), the A/B of the change that
+`--relu max` swaps our `xla_workarounds.relu` (x * (x > 0)) for `flax.linen.relu` (max(x, 0)), the A/B of the change that
 stopped XLA rebuilding every residual activation from all earlier blocks in the backward pass (docs/performance.md).
 """
 import argparse

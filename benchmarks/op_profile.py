@@ -7,7 +7,7 @@ Compiles jit(grad(loss)) of the model alone (BN over the whole batch, float32, b
 and output shape (a 3x3 window is a forward or input-gradient conv, a 32x32/16x16/8x8 window a weight-gradient conv),
 transposes/copies, reductions and other elementwise fusions. On one core without Eigen's thread pool the kernels
 run one after another, so the sum is the step time; with several threads, kernels overlap and the sum exceeds it.
-`--relu max` profiles the network with max(x, 0) instead of `models.relu`, `--scan_blocks` the scanned variant
+`--relu max` profiles the network with max(x, 0) instead of `xla_workarounds.relu`, `--scan_blocks` the scanned variant
 (see docs/performance.md).
 """
 import argparse

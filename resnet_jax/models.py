@@ -11,18 +11,18 @@ Parameter names are stable and explicit, because checkpoints and the torchvision
   head                                          the final fully connected layer
 Stages are numbered from 1 (CIFAR: 3 stages on 32/16/8 maps; ImageNet: 4 stages, the paper's conv2_x..conv5_x).
 
-The output of every 3x3 conv after its BN (before the addition and the ReLU) is sown into the `intermediates`
-collection as `bn_3x3` (the paper's Fig. 7 analysis); nothing is stored unless that collection is mutable.
+The output of every 3x3 conv after its BN (before the addition and the ReLU), the CIFAR stem's included, is sown
+into the `intermediates` collection as `bn_3x3` (the paper's Fig. 7 analysis); nothing is stored unless that
+collection is mutable.
 """
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 import flax.linen as nn
 
 from resnet_jax.batchnorm import BatchNorm
+from resnet_jax.xla_workarounds import relu, scanned_blocks
 
 ModuleDef = Any
 
@@ -44,68 +44,6 @@ IMAGENET_FILTERS = (64, 128, 256, 512)  # Table 1; bottleneck outputs are 4x the
 
 # He et al. 2015 ("MSRA") initialisation, as the paper (Sec. 3.4): zero-mean Gaussian, std sqrt(2 / fan_in).
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
-
-
-def relu(x):
-  """max(x, 0), written as x * (x > 0) so that XLA stores each block's output once instead of recomputing it.
-
-  The same values and the same gradient as `nn.relu` (bitwise; NaN still propagates), but a two-operand product
-  where `max(x, 0)` is a one-operand op. XLA's fusion pass freely duplicates one-operand elementwise ops into every
-  consumer; with `max` it rebuilt each residual-stream activation from all earlier blocks' convolution outputs
-  inside the backward pass (one fusion per block reading every earlier block of the stage), so the CPU step time
-  grew with the square of the depth. A two-operand op with a consumer that cannot fuse it (the next convolution)
-  is computed once. `tests/test_models.py::test_backward_work_per_block_does_not_grow_with_depth` keeps it so.
-  """
-  return x * (x > 0).astype(x.dtype)
-
-
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _stride1_conv(x, w, padding, precision):
-  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC, precision=precision)
-
-
-def _stride1_conv_fwd(x, w, padding, precision):
-  return _stride1_conv(x, w, padding, precision), (x, w)
-
-
-def _stride1_conv_bwd(padding, precision, residuals, dy):
-  x, w = residuals
-  # Input gradient: dy convolved with the spatially flipped kernel, input and output features swapped.
-  back = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding))
-  w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = lax.conv_general_dilated(dy, w_flipped, (1, 1), back, dimension_numbers=_NHWC, precision=precision)
-  # Kernel gradient: a convolution over the batch, written with the batch as the feature axis:
-  # dw[kh, kw, ci, co] = sum_{n, h, w} x_padded[n, h + kh, w + kw, ci] * dy[n, h, w, co].
-  dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), padding,
-                                dimension_numbers=_NHWC, precision=precision)
-  return dx, dw.transpose(1, 2, 0, 3)
-
-
-_stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
-
-
-def conv_with_explicit_gradients(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                                 dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)` whose stride-1 NHWC gradients are written out
-  as two convolutions in the one layout XLA's CPU backend sends to its fast kernels (batch-spatial-feature input,
-  HWIO kernel).
-
-  Used inside the scanned blocks (`scan_blocks=True`). There, autodiff's own gradient convolutions keep layouts
-  that XLA:CPU does not rewrite inside a loop body, and it ran them with its slow generic loop: a ResNet-56 step took
-  75 s instead of 1.2 s. The values are the same (`tests/test_models.py`); other convolutions (strided, dilated,
-  grouped) fall through to `lax.conv_general_dilated` unchanged.
-  """
-  unit = lambda v: v is None or all(d == 1 for d in v)
-  if (all(s == 1 for s in window_strides) and unit(lhs_dilation) and unit(rhs_dilation)
-      and feature_group_count == 1 and not isinstance(padding, str) and lhs.ndim == 4
-      and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-    return _stride1_conv(lhs, rhs, tuple(tuple(p) for p in padding), precision)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  feature_group_count=feature_group_count, precision=precision)
 
 
 def _conv(conv: ModuleDef, filters: int, kernel: int, strides: int = 1, name: str | None = None):
@@ -149,7 +87,6 @@ class BasicBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   last_norm: ModuleDef
-  stride_on_3x3: bool = True  # unused; keeps one constructor for both block types
 
   expansion = 1
 
@@ -197,15 +134,6 @@ class BottleneckBlock(nn.Module):
     if self.shortcut is not None:
       y = y + Shortcut(self.filters * 4, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
     return relu(y)
-
-
-class _ScanBody(nn.Module):
-  """One stride-1 block as the body of `nn.scan` (ResNet.scan_blocks): carry in, carry out."""
-  block: ModuleDef
-
-  @nn.compact
-  def __call__(self, x, _):
-    return self.block(strides=1, name='block')(x), None
 
 
 class ResNet(nn.Module):
@@ -256,24 +184,24 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
       x = _conv(conv, self.stage_filters[0], 3, 1, name='stem_conv')(x)
-      x = relu(norm(name='stem_bn')(x))
+      x = norm(name='stem_bn')(x)
+      self.sow('intermediates', 'bn_3x3', x)  # the first 3x3 layer is one of Fig. 7's layers too
+      x = relu(x)
     else:
       x = _conv(conv, 64, 7, 2, name='stem_conv')(x)
       x = relu(norm(name='stem_bn')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     for s, (blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
+      placement = {'stride_on_3x3': self.stride_on_3x3} if self.block_cls is BottleneckBlock else {}
       block = functools.partial(self.block_cls, filters=filters, shortcut=self.shortcut if self.residual else None,
-                                conv=conv, norm=norm, last_norm=last_norm, stride_on_3x3=self.stride_on_3x3)
+                                conv=conv, norm=norm, last_norm=last_norm, **placement)
       unrolled = 1 if self.scan_blocks and blocks > 2 else blocks
       for b in range(unrolled):
         strides = 2 if (s > 0 and b == 0) else 1
         x = block(strides=strides, name=f'stage{s + 1}_block{b + 1}')(x)
-      if unrolled < blocks:
-        scan = nn.scan(_ScanBody, variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
-                       split_rngs={'params': True}, length=blocks - unrolled)
-        body = functools.partial(block, conv=functools.partial(conv, conv_general_dilated=conv_with_explicit_gradients))
-        x, _ = scan(body, name=f'stage{s + 1}_blocks{unrolled + 1}to{blocks}')(x, None)
+      if unrolled < blocks:  # config.model.scan_blocks (compile time; xla_workarounds.py)
+        x = scanned_blocks(block, conv, blocks - unrolled, f'stage{s + 1}_blocks{unrolled + 1}to{blocks}')(x)
 
     x = jnp.mean(x, axis=(1, 2))  # global average pooling
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
@@ -318,6 +246,6 @@ def create_model(model_config, bn_group_size: int = 0, dtype: str | None = None)
       stage_sizes=stage_sizes, stage_filters=filters, block_cls=block, num_classes=model_config.num_classes,
       stem=stem, residual=model_config.residual, shortcut=model_config.shortcut,
       stride_on_3x3=model_config.bottleneck == 'v1.5', bn_group_size=bn_group_size,
-      bn_momentum=model_config.get('bn_momentum', 0.9), bn_epsilon=model_config.get('bn_epsilon', 1e-5),
-      zero_init_last_bn=model_config.get('zero_init_last_bn', False),
-      dtype=DTYPES[dtype or model_config.dtype], scan_blocks=model_config.get('scan_blocks', False))
+      bn_momentum=model_config.bn_momentum, bn_epsilon=model_config.bn_epsilon,
+      zero_init_last_bn=model_config.zero_init_last_bn,
+      dtype=DTYPES[dtype or model_config.dtype], scan_blocks=model_config.scan_blocks)
