@@ -5,10 +5,10 @@
 # the measurements run in order of importance, each with its own time limit, and whatever does not fit before
 # DEADLINE seconds is skipped and named as such. Results: $OUT/gpu_results.jsonl, logs: $OUT/gpu.log.
 #
-# Before the call, in the repo root here (the wheel is not in git):
+# Before, on a machine with network, in the repo root (the wheel is not in git):
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
-# Device call:  carry ['.whl'], command:  bash benchmarks/gpu.sh        (timeout_s 600)
+# Then on the GPU machine, with .whl/ copied beside the repository:  OUT=DIR bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/resnet_jax_gpu}; mkdir -p "$OUT"

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Table 6 on one GPU, the paper's full recipe (64k iterations, batch 128), ResNet-20 and ResNet-56 first, in ONE call
-# of the device tool (10 minutes per command), resumable across calls.
+# Table 6 on one GPU, the paper's full recipe (64k iterations, batch 128), ResNet-20 and ResNet-56 first, in one
+# command of at most 10 minutes on a bare GPU machine (jax with CUDA installed, no network), resumable across commands.
 #
 # 1. Here, once, in the repository root (needs network; .carry/ is gitignored):
 #      bash experiments/gpu_table6.sh --prepare
 #    puts the ml_collections wheel (the GPU image lacks it) and the CIFAR-10 JPEG tarball (16 MB) into .carry/.
-# 2. Device tool:  run(command="bash experiments/gpu_table6.sh", carry=[".carry"], timeout_s=600)
+# 2. On the GPU machine, with .carry/ copied beside the repository:  OUT=DIR bash experiments/gpu_table6.sh
 #    Each net trains in its own process, all at once on the one GPU (these small nets leave a GPU mostly idle, so
 #    two processes fill it better than one after the other). At BUDGET seconds every process gets SIGTERM: the
 #    trainer checkpoints and stops cleanly. Then Fig. 7 and the report are written, and each run (metrics, config,
 #    its training log, the latest checkpoint only) is packed into $OUT/runs_<net>.tar.gz (ResNet-56: ~7 MB).
-# 3. If the report says CUT SHORT: copy the runs_*.tar.gz from the reply's files_at into .carry/ and make the same
-#    call again; the runs are unpacked and resumed from their checkpoints (finished ones are skipped).
-# The device tool returns at most 8 files: gpu_table6.log, report.md, table6/fig6.png, table6/fig7.png and one
-# tarball per net, so at most 4 nets per call.
+# 3. If the report says CUT SHORT: copy the runs_*.tar.gz from $OUT into .carry/ and run the same command
+#    again; the runs are unpacked and resumed from their checkpoints (finished ones are skipped).
+# $OUT receives 8 files at most: gpu_table6.log, report.md, table6/fig6.png, table6/fig7.png and one tarball per
+# net, so at most 4 nets per command.
 #
 # Data: the 50k CIFAR-10 training JPEGs split 45k/5k (the split the paper chose its schedule on); the CIFAR-10 test
 # split is not in the tarball, so the errors are on the 5k validation images, and the report says "val".

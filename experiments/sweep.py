@@ -1,7 +1,7 @@
 """A resumable sweep: a list of (experiment, net, seed, config) runs, each in its own trainer workdir.
 
 RUNS_DIR/<experiment>/<net>/seed<k>/ holds what `resnet_jax.trainer.train_and_evaluate` writes (metrics.jsonl,
-config.json, checkpoints/, curves.png) plus run_info.json: the wall time summed over every session that worked on
+config.json, checkpoints/, curves.png) plus run_info.json: the wall time summed over every invocation that worked on
 the run. Running a sweep again skips the finished runs and resumes the unfinished ones from their last checkpoint
 (the trainer resumes by itself; this module decides what to start and keeps the books).
 
@@ -144,7 +144,7 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
                 planned_steps=spec.config.num_steps)
     info['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})'
     info.setdefault('wall_seconds', 0.0)
-    info.setdefault('sessions', 0)
+    info.setdefault('invocations', 0)
     t0 = time.time()
     outcome = 'error'  # what run_info says if the trainer raises anything else (the exception propagates)
     try:
@@ -157,7 +157,7 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
       outcome = 'diverged'
     finally:
       info['wall_seconds'] += time.time() - t0
-      info['sessions'] += 1
+      info['invocations'] += 1
       info['last_outcome'] = outcome
       write_run_info(workdir, info)
     results[workdir] = outcome
