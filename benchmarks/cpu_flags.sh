@@ -13,16 +13,12 @@ for flags in "" "--xla_cpu_use_onednn=true" "--xla_cpu_use_onednn=true --xla_cpu
   XLA_FLAGS="$flags" $JAX_PY - <<'PYEOF'
 import collections, re
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
-from resnet_jax import benchmark, config_base, models, train
+from resnet_jax import benchmark, config_base, train
 c = config_base.cifar(20)
 mesh = train.make_mesh()
-model = models.create_model(c.model, bn_group_size=c.bn_group_size)
-im, lb, mean = benchmark.synthetic_data(c, examples=1000)
-rep = NamedSharding(mesh, P())
-args = [jax.device_put(a, rep) for a in (im, lb, mean)]
-state = jax.jit(lambda: train.init_state(c, model, im.shape[1:], 10), out_shardings=rep)()
-txt = train.make_train_step(c, model, mesh).lower(state, *args).compile().as_text()
+inp = benchmark._synthetic_input(c, mesh, examples=1000)
+model, state = train.create_model_and_state(c, mesh)
+txt = train.make_train_step(c, model, mesh, inp).lower(state, *next(inp.train_inputs(0))).compile().as_text()
 calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', txt))
 print('  compiled step: %d plain convolutions, %d library (__ynn/__xnn/__onednn) fusions, custom calls %s' % (
     len(re.findall(r'\bconvolution\(', txt)), len(re.findall(r'calls=%?__(?:ynn|xnn|onednn)', txt))

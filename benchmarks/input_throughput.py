@@ -1,6 +1,6 @@
 """Measure the ImageNet training pipeline's throughput (images/s) on this machine, without a model:
 
-  python -m resnet_jax.bench_input --data_dir=/tmp/synthetic_imagenet --make_synthetic=1000 --steps=20
+  python benchmarks/input_throughput.py --data_dir=/tmp/synthetic_imagenet --make_synthetic=1000 --steps=20
 
 `--make_synthetic=N` first writes N ImageNet-like JPEGs (500x375 and 375x500, quality 90, smooth content plus
 noise, ~100 KB each, like the average ImageNet training image) into DATA_DIR/train/<class>/ (10 classes) and one

@@ -4,7 +4,8 @@
 
 For each finished (or checkpointed) run of the experiment folder, restores the last checkpoint and runs the test
 split (the validation split where the dataset has no test split) through the network in evaluation mode, with the
-`intermediates` collection mutable, so `models.py` sows every 3x3 conv's BN output as `bn_3x3`. Writes fig7.json
+`intermediates` collection mutable, so `models.py` sows every 3x3 conv's BN output as `bn_3x3`, the first layer's
+included (scanned stages too). The images go through the evaluation core of resnet_jax.evaluate. Writes fig7.json
 (the stds per net, in layer order) and fig7.png (top: layers in network order; bottom: sorted by magnitude) into
 the experiment folder.
 
@@ -26,24 +27,33 @@ FIG7_JSON, FIG7_PNG = 'fig7.json', 'fig7.png'
 
 
 def _layer_order(intermediates) -> list:
-  """The sown `bn_3x3` arrays in network order: stage, then block, then position within the block."""
+  """The sown `bn_3x3` arrays in network order: the first layer, then stage, block, position within the block.
+  Scanned stages (`scan_blocks`) sow one array per position with a leading block axis: it is split into blocks."""
   found = []
-  for block_name, sub in intermediates.items():
-    m = re.fullmatch(r'stage(\d+)_block(\d+)', block_name)
+  for i, y in enumerate(intermediates.get('bn_3x3', ())):  # the first layer (CIFAR's 3x3 stem)
+    found.append(((0, 0, i), y))
+  for name, sub in intermediates.items():
+    m = re.fullmatch(r'stage(\d+)_block(\d+)', name)
     if m and 'bn_3x3' in sub:
       for i, y in enumerate(sub['bn_3x3']):
         found.append(((int(m.group(1)), int(m.group(2)), i), y))
+    m = re.fullmatch(r'stage(\d+)_blocks(\d+)to(\d+)', name)
+    if m and 'bn_3x3' in sub.get('block', {}):
+      for i, y in enumerate(sub['block']['bn_3x3']):
+        for j in range(y.shape[0]):
+          found.append(((int(m.group(1)), int(m.group(2)) + j, i), y[j]))
   return [y for _, y in sorted(found, key=lambda t: t[0])]
 
 
 def make_moments_fn(model):
-  """A jitted fn(variables, x) -> per-layer (sum, sum of squares, count) per channel of the bn_3x3 responses."""
-  import jax
+  """fn(variables, batch) -> per-layer (sum, sum of squares, count) per channel of the bn_3x3 responses of the
+  batch's real examples (evaluation mode), for evaluate.sum_batches."""
   import jax.numpy as jnp
 
-  def moments(variables, x, mask):
-    _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  def moments(variables, batch):
+    _, state = model.apply(variables, batch['images'], train=False, mutable=['intermediates'])
     out = []
+    mask = batch['mask']
     m = mask[:, None, None, None]
     for y in _layer_order(state['intermediates']):
       y = y.astype(jnp.float32)
@@ -51,23 +61,20 @@ def make_moments_fn(model):
       out.append((jnp.sum(y * m, axis=(0, 1, 2)), jnp.sum(y * y * m, axis=(0, 1, 2)), n))
     return out
 
-  return jax.jit(moments)
+  return moments
 
 
-def layer_stds(model, variables, images: np.ndarray, mean: np.ndarray, batch_size: int = 500) -> np.ndarray:
+_MOMENTS_FNS = {}
+
+
+def layer_stds(model, variables, batches) -> np.ndarray:
   """The std of each 3x3 layer's response (per-channel std over images and positions, averaged over channels),
-  in network order, for uint8 `images` with the training split's per-pixel `mean` subtracted."""
-  fn = make_moments_fn(model)
-  totals = None
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    mask = np.ones(batch_size, np.float32)
-    if len(chunk) < batch_size:  # pad the last batch to the same shape (one compilation) and mask the padding
-      mask[len(chunk):] = 0
-      chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-    x = chunk.astype(np.float32) - mean
-    parts = [tuple(np.asarray(a, np.float64) for a in layer) for layer in fn(variables, x, mask)]
-    totals = parts if totals is None else [tuple(a + b for a, b in zip(t, p)) for t, p in zip(totals, parts)]
+  in network order, over an input's evaluation batches (every image once, padding masked)."""
+  from resnet_jax import evaluate
+  key = id(model)
+  if key not in _MOMENTS_FNS:  # one function per model, so the evaluation core compiles it once
+    _MOMENTS_FNS[key] = (model, make_moments_fn(model))
+  totals = evaluate.sum_batches(_MOMENTS_FNS[key][1], variables, batches)
   stds = []
   for s, ss, n in totals:
     var = np.maximum(ss / n - (s / n) ** 2, 0.0)
@@ -75,38 +82,27 @@ def layer_stds(model, variables, images: np.ndarray, mean: np.ndarray, batch_siz
   return np.asarray(stds)
 
 
-def _eval_split(ds):
-  if ds.test_images is not None:
-    return ds.test_images, 'test'
-  if ds.val_images is not None:
-    return ds.val_images, 'val'
-  raise ValueError('The dataset has neither a test split nor a validation hold-out; set config.data.val_examples.')
-
-
 def run_stds(workdir: str, data_cache: dict | None = None) -> dict:
-  """Restores the latest checkpoint of a trainer workdir and measures its layer stds."""
-  from ml_collections import ConfigDict
-  from resnet_jax import augment, checkpoint, data, models, train
+  """Restores the latest checkpoint of a trainer workdir and measures its layer stds on the test split (the
+  validation split where there is no test split)."""
+  from resnet_jax import checkpoint, evaluate, input_pipeline, train
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ConfigDict(json.load(f))
-  config.lr_boundaries = tuple(config.lr_boundaries)
+  config = checkpoint.load_config(workdir)
+  mesh = train.make_mesh()
   key = json.dumps(config.data.to_dict(), sort_keys=True)
   cache = data_cache if data_cache is not None else {}
   if key not in cache:
-    cache[key] = data.load(config.data)
-  ds = cache[key]
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f'No checkpoint in {workdir}/checkpoints: train the run first.')
-  template = train.init_state(config, model, ds.train_images.shape[1:], ds.num_classes)
-  state = ckpt.restore(template)
-  ckpt.close()
-  images, split = _eval_split(ds)
-  stds = layer_stds(model, {'params': state.params, 'batch_stats': state.batch_stats}, images,
-                    augment.pixel_mean(ds.train_images), config.eval_batch_size)
+    cache[key] = input_pipeline.InMemoryInput(config, mesh)
+  inp = cache[key]
+  splits = inp.eval_splits()
+  if not splits:
+    raise ValueError('The dataset has neither a test split nor a validation hold-out; set config.data.val_examples.')
+  split = 'test' if 'test' in splits else splits[0]
+  try:
+    model, state, step = checkpoint.restore_from_workdir(config, workdir, mesh)
+  except checkpoint.CheckpointNotFoundError as e:
+    raise ValueError(f'{e} Train the run first.') from e
+  stds = layer_stds(model, evaluate.local_variables(state), inp.eval_batches(split))
   return {'stds': stds.tolist(), 'split': split, 'step': int(step), 'depth': config.model.depth,
           'residual': bool(config.model.residual)}
 

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import models, summary, train
+from resnet_jax import cpu_devices, data, input_pipeline, summary, train
 
 # Dense peak FLOP/s of the tensor units by device kind and compute dtype (vendor datasheets, no sparsity).
 # float32 on NVIDIA GPUs runs convolutions and matmuls as TF32 under XLA's default precision, so its peak is
@@ -74,25 +73,31 @@ def _block(tree):
   jax.block_until_ready(tree)
 
 
+def _synthetic_input(config, mesh, pool: int = 512, examples: int = 0):
+  """The in-memory input of the training run over synthetic data of the config's shape."""
+  images, labels, _ = synthetic_data(config, pool, examples)
+  ds = data.Dataset(train_images=images, train_labels=labels, test_images=None, test_labels=None,
+                    class_names=[str(i) for i in range(config.model.num_classes)])
+  return input_pipeline.InMemoryInput(config, mesh, ds)
+
+
 def compile_only(config, devices=None) -> dict:
   """Lowers and compiles the training step from abstract shapes only (no initialisation, no data): the compile
   cost of a network too deep to train here."""
   config = config.copy_and_resolve_references()
-  mesh = train.make_mesh(devices)
+  mesh = train.make_mesh(devices, config.mesh)
   train.validate(config, mesh.devices.size)
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  images, labels, mean = synthetic_data(config, examples=config.batch_size)
-  replicated = NamedSharding(mesh, P())
-  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
-  state = jax.eval_shape(lambda: train.init_state(config, model, images.shape[1:], config.model.num_classes))
-  state = jax.tree_util.tree_map(spec, state)
+  inp = _synthetic_input(config, mesh, examples=config.batch_size)
+  model, state = train.create_model_and_state(config, mesh, abstract=True)
+  spec = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  args = [spec(a, sh) for a, sh in zip(next(inp.train_inputs(0)), inp.input_shardings)]
   c0, t0 = time.process_time(), time.perf_counter()
-  lowered = train.make_train_step(config, model, mesh).lower(state, spec(images), spec(labels), spec(mean))
+  lowered = train.make_train_step(config, model, mesh, inp).lower(state, *args)
   t1 = time.perf_counter()
   lowered.compile()
   c2, t2 = time.process_time(), time.perf_counter()
   return dict(config=dict(family=config.model.family, depth=config.model.depth, dtype=config.model.dtype,
-                          batch_size=config.batch_size, scan_blocks=bool(config.model.get('scan_blocks', False))),
+                          batch_size=config.batch_size, scan_blocks=config.model.scan_blocks),
               device=dict(platform=jax.devices()[0].platform, kind=jax.devices()[0].device_kind),
               xla_flags=os.environ.get('XLA_FLAGS', ''),
               lower_s=t1 - t0, compile_s=t2 - t1, lower_and_compile_cpu_s=c2 - c0)
@@ -106,19 +111,15 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
   config = config.copy_and_resolve_references() if hasattr(config, 'copy_and_resolve_references') else config
   if config.model.family == 'imagenet':
     config.data.pad = 0  # the pool images are already at the crop size; the flip still runs in the step
-  mesh = train.make_mesh(devices)
+  mesh = train.make_mesh(devices, config.mesh)
   num_devices = mesh.devices.size
   train.validate(config, num_devices)
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  images, labels, mean = synthetic_data(config, pool, examples)
-
-  replicated = NamedSharding(mesh, P())
-  args = [jax.device_put(a, replicated) for a in (images, labels, mean)]
-  state = jax.jit(lambda: train.init_state(config, model, images.shape[1:], config.model.num_classes),
-                  out_shardings=replicated)()
+  inp = _synthetic_input(config, mesh, pool, examples)
+  args = next(inp.train_inputs(0))
+  model, state = train.create_model_and_state(config, mesh)
   _block((state, args))
 
-  step_fn = train.make_train_step(config, model, mesh)
+  step_fn = train.make_train_step(config, model, mesh, inp)
   c0, t0 = time.process_time(), time.perf_counter()
   lowered = step_fn.lower(state, *args)
   t1 = time.perf_counter()
@@ -140,8 +141,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
 
   step_time = statistics.median(windows)
   unrolled = config.model.copy_and_resolve_references()
-  if 'scan_blocks' in unrolled:
-    unrolled.scan_blocks = False  # summary counts each conv call it sees; a scanned block is traced once
+  unrolled.scan_blocks = False  # summary counts each conv call it sees; a scanned block is traced once
   params, macs = summary.count(unrolled, config.data.image_size)
   images_per_sec = config.batch_size / step_time
   model_flops = 6 * macs * images_per_sec
@@ -152,9 +152,9 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
       config=dict(family=config.model.family, depth=config.model.depth, residual=config.model.residual,
                   shortcut=config.model.shortcut, dtype=config.model.dtype, batch_size=config.batch_size,
                   bn_group_size=config.bn_group_size, image_size=config.data.image_size,
-                  scan_blocks=bool(config.model.get('scan_blocks', False)),
-                  loss_scale=bool(config.get('loss_scale', {}).get('enabled', False))),
+                  scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
+                  cpu_devices=cpu_devices.describe() if device.platform == 'cpu' else None,
                   host=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
       versions=dict(jax=jax.__version__, python=platform.python_version()),
       xla_flags=os.environ.get('XLA_FLAGS', ''),
@@ -202,6 +202,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/cifar_20.py')
+  cpu_devices.configure(_CONFIG.value)  # before jax.devices() below starts the backends
   devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
   if _COMPILE_ONLY.value:
     result = compile_only(_CONFIG.value, devices)

@@ -74,13 +74,15 @@ def _finish(variables, total, count):
   return {'params': variables['params'], 'batch_stats': stats}
 
 
-def recalibrate_from_config(config, model, variables, mean, num_examples: int):
-  """Recalibrates on `num_examples` training examples drawn through the training pipeline (the paper's
+def recalibrate_from_input(config, model, variables, inp, num_examples: int):
+  """Recalibrates on `num_examples` training examples drawn through the input's training stream (the paper's
   augmentation), in batches of config.batch_size (split over the hosts)."""
-  from resnet_jax import imagenet_input
   if num_examples < config.batch_size:
     raise ValueError(f'--recalibrate_bn={num_examples} is fewer than one batch of config.batch_size='
                      f'{config.batch_size}.')
-  ds = imagenet_input.train_dataset(config, mean)
+  if not config.data.streaming:
+    raise ValueError('--recalibrate_bn needs the streamed input (config.data.streaming): the in-memory datasets '
+                     'augment inside the training step.')
+  stream = inp.host_batches(0)
   steps = num_examples // config.batch_size
-  return recalibrate(model, variables, (x for x, _ in ds.take(steps).as_numpy_iterator()))
+  return recalibrate(model, variables, (next(stream)[0] for _ in range(steps)))

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from resnet_jax import distributed, faults
+from resnet_jax import distributed, train
 
 # Fields that change the model or the data: a checkpoint is only resumed under the same values.
 RESUME_CHECKED = ('model', 'data', 'batch_size', 'seed', 'bn_group_size')
@@ -31,6 +31,10 @@ DIGEST_KEY = 'state_sha256'
 
 class ConfigMismatchError(ValueError):
   pass
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """There is no checkpoint where one is needed (evaluation, analysis)."""
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -57,6 +61,10 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 
 
 class Checkpointer:
+  # orbax's class for the temporary directory a step is written into before its atomic rename; None is orbax's
+  # default. A hook for tests that stop a run in the middle of a write.
+  temporary_path_class = None
+
   def __init__(self, workdir: str, keep: int = 3):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
@@ -65,7 +73,7 @@ class Checkpointer:
         self.directory, item_handlers=ocp.StandardCheckpointHandler(),  # so metadata reads work before any restore
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            temporary_path_class=faults.temporary_path_class()))  # None (orbax's default) outside tests
+            temporary_path_class=self.temporary_path_class))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -173,6 +181,51 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_config(workdir: str) -> ConfigDict:
+  """The config a run recorded in WORKDIR/config.json, over config_base's defaults (so a field added since the run
+  reads as its default)."""
+  from resnet_jax import config_base
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise CheckpointNotFoundError(f'No run in {workdir}: it has no config.json.')
+  with open(path) as f:
+    saved = json.load(f)
+  config = config_base.base()
+
+  def merge(node, values):
+    for k, v in values.items():
+      if isinstance(v, dict):
+        if k not in node:
+          node[k] = ConfigDict()
+        merge(node[k], v)
+      else:
+        node[k] = tuple(v) if isinstance(v, list) else v
+  merge(config, saved)
+  return config
+
+
+def restore_from_workdir(config, workdir: str, mesh, step: int | None = None):
+  """(model, state, step) of the run in `workdir` at checkpoint `step` (default: the latest), replicated over
+  `mesh`, verified against its digest; a clear error when there is no such checkpoint."""
+  directory = os.path.join(workdir, 'checkpoints')
+  ckpt = Checkpointer(workdir) if os.path.isdir(directory) else None
+  steps = ckpt.all_steps() if ckpt else []
+  if not steps:
+    raise CheckpointNotFoundError(
+        f'No checkpoint under {directory}. Train one (python -m resnet_jax.main --config=... --workdir={workdir}) '
+        'or convert torchvision weights into it (python -m resnet_jax.torchvision_weights --help).')
+  if step is not None and step not in steps:
+    ckpt.close()
+    raise CheckpointNotFoundError(f'No checkpoint of step {step} under {directory}; it has steps {steps}.')
+  step = max(steps) if step is None else step
+  model, template = train.create_model_and_state(config, mesh, abstract=True)
+  try:
+    state = ckpt.restore(template, step)
+  finally:
+    ckpt.close()
+  return model, state, step
 
 
 def _flatten(d, prefix=''):

@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.pad = 4                    # Sec. 4.2: 4 pixels padded on each side, random 32x32 crop
   c.data.random_flip = True         # Sec. 4.2: random horizontal flip
+  c.data.streaming = False          # False: the dataset lives on the devices (CIFAR); True: streamed (ImageNet)
 
   # Recipe (Sec. 4.2).
   c.batch_size = 128                # global mini-batch
@@ -80,6 +81,10 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ('data',)
   c.mesh.shape = (-1,)
+  # CPU backend only: JAX devices in this process. 0 = one per core (the most that fit the batch and the BN groups;
+  # cpu_devices.py); XLA_FLAGS=--xla_force_host_platform_device_count=N in the environment also decides. GPU and TPU
+  # runs are unaffected. The numerics do not depend on it (BN groups are fixed by bn_group_size).
+  c.cpu_devices = 0
   c.seed = 0
   c.log_every_steps = 100
   c.eval_every_steps = 2_000

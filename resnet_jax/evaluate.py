@@ -9,8 +9,12 @@ Protocols:
   multiscale  fully-convolutional: the whole image with its shorter side at each of {224, 256, 384, 480, 640}; the
               fc layer is applied at every position of a 7x7 average pool (the training crop's receptive field),
               the class scores averaged over positions, softmaxed, and the probabilities averaged over scales.
-Top-1 and top-5 error are exact: sums of errors and a count, every validation image counted once (padding masked).
+CIFAR and the other in-memory datasets have the single original view (center) on their test split.
+Top-1 and top-5 error are exact: sums of errors and a count, every image counted once (padding masked).
 Writes WORKDIR/eval_<protocol>_step<N>.json.
+
+The evaluation core (`sum_batches`, `evaluate`) is the one training uses for its val/test rows and
+experiments/fig7.py for its layer responses.
 """
 import json
 import os
@@ -21,13 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import checkpoint, imagenet_input, models, train
+from resnet_jax import checkpoint, cpu_devices, data, input_pipeline, train
 
 DATA_AXIS = train.DATA_AXIS
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-  pass
+PROTOCOLS = ('center', '10crop', 'multiscale')
 
 
 def _sums(log_probs, labels, mask):
@@ -87,93 +88,105 @@ def local_variables(state):
           'batch_stats': jax.tree_util.tree_map(local, state.batch_stats)}
 
 
-_EVAL_FNS = {}  # (id(model), protocol, window, devices) -> (model, jitted fn): evaluations during training reuse it
+_JITTED = {}  # (fn, devices) -> jitted fn: the evaluations during a run compile once
 
 
-def _eval_fn(model, protocol: str, window: int, mesh):
-  key = (id(model), protocol, window, tuple(d.id for d in mesh.devices.flat))
-  if key not in _EVAL_FNS:
-    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-    if protocol == 'multiscale':  # one image: every device computes it (a batch of 1 cannot be split)
-      fn = jax.jit(lambda v, xs, y, m: _sums(multiscale_log_probs(model, v, xs, window), y, m))
-    else:
-      fn = jax.jit(lambda v, x, y, m: _sums(crop_log_probs(model, v, x), y, m),
-                   in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
-    _EVAL_FNS[key] = (model, fn)  # holding the model keeps its id from being reused
-  return _EVAL_FNS[key][1]
+def sum_batches(fn, variables, batches, per_example: bool = True) -> dict:
+  """The one evaluation core: `fn(variables, batch)` -> a pytree of sums over the batch's examples (masked by
+  batch['mask']), added over this process's `batches` and then over the processes, in float64 on the host.
 
-
-def evaluate(config, model, variables, mean, protocol: str, limit: int = 0, split: str = 'val') -> dict:
-  """Exact loss, top-1 and top-5 error of `variables` on the split under `protocol`. Each host evaluates its shard
-  on its local devices; the sums are added over hosts."""
+  Each process runs its own batches on its own devices (a batch split over them when `per_example`, else every
+  device computes it: a batch of one image), so processes may hold different numbers of batches. Every example of
+  a split is counted once when the input deals the padded batches as input_pipeline.padded_batches does."""
   mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  bs, d = config.eval_batch_size, mesh.devices.size
-  if protocol != 'multiscale' and bs % d:
-    raise ValueError(f'config.eval_batch_size={bs} is not divisible by the {d} local devices.')
-  if protocol == '10crop':  # ten views per image: a tenth of the images per batch, so a batch has the same size
-    bs = max(d, bs // 10 // d * d)
-
-  window = max(1, config.data.image_size // 32)  # the final map of a training crop (7 for 224)
-  fn = _eval_fn(model, protocol, window, mesh)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if per_example else replicated
+  key = (fn, per_example, tuple(d.id for d in mesh.devices.flat))
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(fn, out_shardings=replicated)
+  jitted = _JITTED[key]
+  variables = jax.device_put(variables, replicated)
   total = None
-  for b in imagenet_input.eval_batches(config, mean, protocol, bs, split, limit=limit):
-    if protocol == 'multiscale':
-      xs = tuple(b[f'images_{s}'] for s in config.data.multiscale_sizes)
-      sums = fn(variables, xs, b['labels'], b['mask'])
-    else:
-      sums = fn(variables, b['images'], b['labels'], b['mask'])
+  for b in batches:
+    # Placed explicitly on this process's devices (jit refuses host arrays with a sharding once there are several
+    # processes); the copy of the next batch overlaps the previous batch's computation.
+    sums = jitted(variables, jax.device_put(b, batch_sharding))
     total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
-  total = {k: float(v) for k, v in jax.device_get(total).items()}
+  if total is None:
+    raise ValueError('There is nothing to evaluate: the split has no examples.')
+  total = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), jax.device_get(total))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    total = {k: float(np.sum(multihost_utils.process_allgather(np.float64(v)))) for k, v in total.items()}
-  n = total['count']
-  return {'loss': total['loss'] / n, 'top1_error': total['top1_errors'] / n, 'top5_error': total['top5_errors'] / n,
-          'count': int(n)}
+    total = jax.tree_util.tree_map(lambda a: np.sum(multihost_utils.process_allgather(a), 0), total)
+  return total
 
 
-def restore_state(config, workdir: str, step: int | None = None):
-  """The TrainState of WORKDIR/checkpoints at `step` (default: the latest); a clear error when there is none."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = checkpoint.Checkpointer(workdir).all_steps() if os.path.isdir(ckpt_dir) else []
-  if not steps:
-    raise CheckpointNotFoundError(
-        f'No checkpoint under {ckpt_dir}. Train one (python -m resnet_jax.main --config=... --workdir={workdir}) '
-        'or convert torchvision weights into it (python -m resnet_jax.torchvision_weights --help).')
-  if step is not None and step not in steps:
-    raise CheckpointNotFoundError(f'No checkpoint of step {step} under {ckpt_dir}; it has steps {steps}.')
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  mesh = train.make_mesh()
-  size = config.data.image_size
-  template = jax.jit(lambda: train.init_state(config, model, (size, size, 3), config.model.num_classes),
-                     out_shardings=NamedSharding(mesh, P()))()
-  ckpt = checkpoint.Checkpointer(workdir)
-  state = ckpt.restore(template, step)
-  ckpt.close()
-  return model, state
+_PROTOCOL_FNS = {}  # (id(model), protocol, window) -> (model, fn); holding the model keeps its id from being reused
+
+
+def _protocol_fn(model, protocol: str, window: int):
+  key = (id(model), protocol, window)
+  if key not in _PROTOCOL_FNS:
+    if protocol == 'multiscale':
+      def fn(v, b):
+        xs = tuple(b[k] for k in sorted((k for k in b if k.startswith('images_')), key=lambda k: int(k[7:])))
+        return _sums(multiscale_log_probs(model, v, xs, window), b['labels'], b['mask'])
+    else:
+      fn = lambda v, b: _sums(crop_log_probs(model, v, b['images']), b['labels'], b['mask'])
+    _PROTOCOL_FNS[key] = (model, fn)
+  return _PROTOCOL_FNS[key][1]
+
+
+def evaluate(model, variables, batches, protocol: str = 'center', window: int = 7) -> dict:
+  """Exact loss, top-1 and top-5 error of `variables` over `batches` (an input's eval_batches) under `protocol`:
+  sums of errors and a count, every example once. `window` is the final feature map of a training crop, used by
+  the multi-scale protocol only."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown test protocol {protocol!r}; valid choices: {", ".join(PROTOCOLS)}.')
+  total = sum_batches(_protocol_fn(model, protocol, window), variables, batches,
+                      per_example=protocol != 'multiscale')
+  n = float(total['count'])
+  return {'loss': float(total['loss']) / n, 'top1_error': float(total['top1_errors']) / n,
+          'top5_error': float(total['top5_errors']) / n, 'count': int(n)}
+
+
+def protocol_batch_size(config, protocol: str, num_devices: int) -> int:
+  """Images per evaluation batch: config.eval_batch_size, a tenth of it for 10-crop (ten views per image, so a
+  batch holds as many views), one for multi-scale (whole images of different shapes)."""
+  bs = config.eval_batch_size
+  if protocol == '10crop':
+    return max(num_devices, bs // 10 // num_devices * num_devices)
+  return 1 if protocol == 'multiscale' else bs
 
 
 def run(config, workdir: str, protocol: str, step: int | None = None, recalibrate_bn: int = 0,
         limit: int = 0) -> dict:
-  if protocol not in imagenet_input.PROTOCOLS:
-    raise ValueError(f'Unknown --protocol {protocol!r}; valid choices: {", ".join(imagenet_input.PROTOCOLS)}.')
-  models.validate_model_config(config.model)
-  model, state = restore_state(config, workdir, step)
-  mean = imagenet_input.input_mean(config.data, workdir)
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown --protocol {protocol!r}; valid choices: {", ".join(PROTOCOLS)}.')
+  cpu_devices.configure(config)
+  mesh = train.make_mesh(None, config.mesh)
+  train.validate(config, mesh.devices.size)
+  inp = input_pipeline.create(config, mesh, workdir)
+  model, state, step = checkpoint.restore_from_workdir(config, workdir, mesh, step)
   variables = local_variables(state)
   if recalibrate_bn:
     from resnet_jax import bn_recalibration
-    variables = bn_recalibration.recalibrate_from_config(config, model, variables, mean, recalibrate_bn)
-  result = evaluate(config, model, variables, mean, protocol, limit=limit)
-  result.update(protocol=protocol, step=int(jax.device_get(state.step)), recalibrate_bn=recalibrate_bn)
+    variables = bn_recalibration.recalibrate_from_input(config, model, variables, inp, recalibrate_bn)
+  splits = inp.eval_splits()
+  split = 'test' if 'test' in splits else (splits[0] if splits else None)
+  if split is None:
+    raise ValueError(f'The dataset {config.data.dataset} has no held-out split to evaluate on.')
+  batches = inp.eval_batches(split, protocol, protocol_batch_size(config, protocol, jax.local_device_count()),
+                             limit=limit)
+  result = evaluate(model, variables, batches, protocol, window=max(1, config.data.image_size // 32))
+  result.update(protocol=protocol, split=split, step=step, recalibrate_bn=recalibrate_bn)
   if jax.process_index() == 0:
     suffix = f'_bn{recalibrate_bn}' if recalibrate_bn else ''
     path = os.path.join(workdir, f'eval_{protocol}_step{result["step"]}{suffix}.json')
     with open(path, 'w') as f:
       json.dump(result, f, indent=2)
     print(f'{protocol}: top-1 error {100 * result["top1_error"]:.2f}%, top-5 error {100 * result["top5_error"]:.2f}% '
-          f'on {result["count"]} images (step {result["step"]}); written to {path}', flush=True)
+          f'on {result["count"]} images of {split} (step {result["step"]}); written to {path}', flush=True)
   return result
 
 
@@ -189,7 +202,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   try:
     run(_CONFIG.value, _WORKDIR.value, _PROTOCOL.value, _STEP.value, _RECAL.value, _LIMIT.value)
-  except (ValueError, CheckpointNotFoundError, imagenet_input.DatasetNotFoundError) as e:
+  except (ValueError, checkpoint.CheckpointNotFoundError, data.DatasetNotFoundError) as e:
     sys.exit(f'error: {e}')
 
 
@@ -198,7 +211,7 @@ if __name__ == '__main__':
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
   _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory (checkpoints under it).')
-  _PROTOCOL = flags.DEFINE_enum('protocol', 'center', list(imagenet_input.PROTOCOLS), 'Testing protocol (Sec. 3.4).')
+  _PROTOCOL = flags.DEFINE_enum('protocol', 'center', list(PROTOCOLS), 'Testing protocol (Sec. 3.4).')
   _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   _RECAL = flags.DEFINE_integer('recalibrate_bn', 0, 'Recompute BN mean/variance over this many training examples '
                                 'before evaluating (bn_recalibration.py); 0 keeps the moving averages.')

@@ -1,12 +1,11 @@
-"""Training and evaluation: pure functions over an explicit `TrainState`, and the loop that drives them.
+"""The training step: pure functions over an explicit `TrainState`, and the one jitted step built from them.
 
-How a batch flows: the whole training set sits on the devices as uint8 (replicated); each step computes its
-epoch's permutation from (seed, epoch), gathers its 128 indices, augments on device (augment.py) and constrains
-the batch to be sharded over the mesh's 'data' axis. The state is replicated; `jax.jit` over the mesh makes the
-compiler insert the gradient all-reduce. BatchNorm statistics are grouped by `config.bn_group_size` (batchnorm.py).
+What the step does: the input (input_pipeline.py) turns its inputs into the step's batch, sharded over the mesh;
+the update (`sgd_update`) runs the network in training mode, SGD with momentum and weight decay at the learning
+rate of `learning_rate` (the recipe of Sec. 4.2 / 3.4), and adds the loss and errors to the open log window. The
+state is replicated; `jax.jit` over the mesh makes the compiler insert the gradient all-reduce. BatchNorm
+statistics are grouped by `config.bn_group_size` (batchnorm.py). The loop around it is trainer.py.
 """
-import functools
-import time
 from typing import Any
 
 import flax
@@ -17,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, models
+from resnet_jax import models
 
 DATA_AXIS = 'data'
 
@@ -46,7 +45,7 @@ def validate(config, num_devices: int) -> None:
       raise ValueError(f'config.{name}={config[name]} must be positive.')
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate={config.learning_rate} must be positive.')
-  if config.get('nonfinite_loss', 'stop') not in NONFINITE_POLICIES:
+  if config.nonfinite_loss not in NONFINITE_POLICIES:
     raise ValueError(f'Unknown config.nonfinite_loss {config.nonfinite_loss!r}; valid choices: '
                      f'{", ".join(NONFINITE_POLICIES)}.')
   if b % num_devices:
@@ -61,11 +60,11 @@ def validate(config, num_devices: int) -> None:
     divisors = [d for d in range(2, b) if b % d == 0][-2:]
     raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
                      f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
-  ls = config.get('loss_scale')
-  if ls and ls.enabled and config.model.dtype != 'float16':
+  ls = config.loss_scale
+  if ls.enabled and config.model.dtype != 'float16':
     raise ValueError(f'config.loss_scale.enabled applies to float16 compute only, but config.model.dtype='
                      f'{config.model.dtype!r}; set --config.model.dtype=float16 or disable loss scaling.')
-  if ls and ls.enabled and (ls.initial <= 0 or ls.factor <= 1 or ls.growth_interval <= 0):
+  if ls.enabled and (ls.initial <= 0 or ls.factor <= 1 or ls.growth_interval <= 0):
     raise ValueError('config.loss_scale needs initial > 0, factor > 1 and growth_interval > 0.')
   per_device = b // num_devices
   if g and per_device % g and g % per_device:
@@ -93,10 +92,11 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
 
 
 def learning_rate(config, step, warmup_done):
-  """lr at `step`: config.learning_rate times lr_decay_factor per boundary passed; the warm-up lr until
-  `warmup_done` when config.warmup.enabled."""
-  passed = sum((step >= b).astype(jnp.int32) for b in config.lr_boundaries) if config.lr_boundaries else 0
-  lr = config.learning_rate * jnp.power(config.lr_decay_factor, passed)
+  """lr of the update at `step` (0-based): config.learning_rate times lr_decay_factor for each boundary b with
+  step >= b (optax's piecewise-constant schedule); the warm-up lr until `warmup_done` when config.warmup.enabled."""
+  schedule = optax.piecewise_constant_schedule(
+      config.learning_rate, {int(b): config.lr_decay_factor for b in config.lr_boundaries})
+  lr = schedule(step)
   if config.warmup.enabled:
     lr = jnp.where(warmup_done, lr, config.warmup.learning_rate)
   return jnp.asarray(lr, jnp.float32)
@@ -120,7 +120,7 @@ def zero_sums():
 
 
 def init_loss_scale(config):
-  if not (config.get('loss_scale') and config.loss_scale.enabled):
+  if not config.loss_scale.enabled:
     return None
   return {'scale': jnp.asarray(config.loss_scale.initial, jnp.float32), 'good_steps': jnp.zeros((), jnp.int32)}
 
@@ -161,16 +161,6 @@ def batch_indices(config, num_examples: int, step):
 
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def train_step(config, model, mesh, state: TrainState, images, labels, mean):
-  """One SGD step on the batch of `state.step`. `images` (uint8) and `labels` are the whole training set."""
-  batch_sharding = NamedSharding(mesh, batch_spec(mesh))
-  idx = jax.lax.with_sharding_constraint(batch_indices(config, images.shape[0], state.step), batch_sharding)
-  aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
-  x = augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip)
-  x = jax.lax.with_sharding_constraint(x, batch_sharding)
-  return sgd_update(config, model, state, x, labels[idx])
 
 
 def sgd_update(config, model, state: TrainState, x, y):
@@ -220,66 +210,37 @@ def guard_nonfinite(config, old: TrainState, new: TrainState, loss) -> TrainStat
   counts = {'nonfinite': old.train_sums['nonfinite'] + (~finite).astype(jnp.int32),
             'first_nonfinite': jnp.where((old.train_sums['first_nonfinite'] == 0) & ~finite, new.step,
                                          old.train_sums['first_nonfinite'])}
-  if config.get('nonfinite_loss', 'stop') == 'skip':
+  if config.nonfinite_loss == 'skip':
     skipped = old.replace(step=new.step, train_sums={**old.train_sums, 'lr': new.train_sums['lr']})
     new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, skipped)
   return new.replace(train_sums={**new.train_sums, **counts})
 
 
-def make_batch_train_step(config, model, mesh):
-  """The step for streamed data (imagenet_input.py): takes a batch already augmented on the host, sharded over
-  the mesh's 'data' axis."""
+def make_train_step(config, model, mesh, inp):
+  """The jitted training step of every run: `step(state, *inputs) -> state`, where `inputs` are what the input
+  `inp` (input_pipeline.py) feeds for the step and `inp.device_batch` turns them into the batch, inside the step.
+  The state is replicated and donated; the batch is sharded over the mesh, and the compiler inserts the gradient
+  all-reduce."""
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh))
-  return jax.jit(functools.partial(sgd_update, config, model), in_shardings=(replicated, batch, batch),
-                 out_shardings=replicated, donate_argnums=(0,))
 
+  def step(state, *inputs):
+    x, y = inp.device_batch(state.step, *inputs)
+    x, y = (jax.lax.with_sharding_constraint(a, batch) for a in (x, y))
+    return sgd_update(config, model, state, x, y)
 
-def make_train_step(config, model, mesh):
-  replicated = NamedSharding(mesh, P())
-  step = functools.partial(train_step, config, model, mesh)
-  return jax.jit(step, in_shardings=(replicated, replicated, replicated, replicated), out_shardings=replicated,
+  return jax.jit(step, in_shardings=(replicated, *inp.input_shardings), out_shardings=replicated,
                  donate_argnums=(0,))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Exact evaluation: the split is padded to whole batches and the padding masked, so every example counts once.
-
-def pad_to_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
-  """(N, ...) -> (ceil(N / batch), batch, ...) arrays plus a mask that is 1 on real examples."""
-  n = len(labels)
-  num_batches = -(-n // batch_size)
-  pad = num_batches * batch_size - n
-  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
-  shape = lambda a: a.reshape((num_batches, batch_size) + a.shape[1:])
-  return shape(images), shape(labels), shape(mask)
-
-
-def evaluate(model, state: TrainState, batches, mean):
-  """Sums of loss, errors and examples over a padded split, with the BN moving averages."""
-  images, labels, mask = batches
-
-  def one_batch(batch):
-    x, y, m = batch
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         augment.normalize(x, mean), train=False)
-    return (jnp.sum(cross_entropy(logits, y) * m), jnp.sum((jnp.argmax(logits, -1) != y) * m), jnp.sum(m))
-
-  loss, errors, count = jax.lax.map(one_batch, (images, labels, mask))
-  return {'loss': loss.sum(), 'errors': errors.sum(), 'count': count.sum()}
-
-
-def make_eval_fn(model, mesh):
-  replicated = NamedSharding(mesh, P())
-  split = NamedSharding(mesh, batch_spec(mesh, None))  # each batch sharded over the devices
-  return jax.jit(functools.partial(evaluate, model), in_shardings=(replicated, (split, split, split), replicated),
-                 out_shardings=replicated)
-
-
-def place_split(mesh, images, labels, batch_size):
-  split = NamedSharding(mesh, batch_spec(mesh, None))
-  return tuple(jax.device_put(a, split) for a in pad_to_batches(images, labels, batch_size))
+def create_model_and_state(config, mesh, abstract: bool = False):
+  """(model, TrainState) of `config`: the network `config.model` names and its initial state, replicated over
+  `mesh`. With `abstract`, the state is shapes, dtypes and shardings only (nothing computed): the template a
+  checkpoint restores into, and a way to refuse a checkpoint of another model before compiling anything."""
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  size = config.data.image_size
+  init = jax.jit(lambda: init_state(config, model, (size, size, 3), config.model.num_classes),
+                 out_shardings=NamedSharding(mesh, P()))
+  return model, (jax.eval_shape(init) if abstract else init())
 
 
 def make_mesh(devices=None, mesh_config=None) -> Mesh:

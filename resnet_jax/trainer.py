@@ -6,10 +6,10 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, checkpoint, data, distributed, faults, metrics_io, models, plotting, train
+from resnet_jax import (checkpoint, cpu_devices, data, distributed, evaluate, input_pipeline, metrics_io, models,
+                        plotting, train)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,7 +91,7 @@ def _check_nonfinite(config, sums: dict, step: int, ckpt, log_point: bool) -> in
   if not bad:
     return 0
   first = int(sums['first_nonfinite'])
-  policy = config.get('nonfinite_loss', 'stop')
+  policy = config.nonfinite_loss
   if policy == 'skip' and (float(sums['count']) > 0 or not log_point):
     return bad
   ckpt.wait()
@@ -111,103 +111,73 @@ def _summarise(sums: dict, prefix: str) -> dict:
   return {f'{prefix}_loss': float(sums['loss']) / count, f'{prefix}_error': float(sums['errors']) / count}
 
 
-def _place_split(mesh, images, labels, batch_size):
-  """An eval split as padded batches sharded over the devices; each process transfers only its own columns."""
-  split = NamedSharding(mesh, train.batch_spec(mesh, None))
-  return tuple(distributed.shard_from_host(split, a) for a in train.pad_to_batches(images, labels, batch_size))
-
-
-def _start(config, workdir: str, mesh, image_shape, force_resume: bool, is_main: bool):
-  """Checks the config against the workdir's, builds the model, restores the newest intact checkpoint or
-  initialises, then records the config. Returns (model, checkpointer, state, start_step, replicated sharding)."""
-  config_path = os.path.join(workdir, 'config.json')
-  _check_resume_config(config_path, config, force_resume)
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  replicated = NamedSharding(mesh, P())
-  init = jax.jit(lambda: train.init_state(config, model, image_shape, config.model.num_classes),
-                 out_shardings=replicated)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
-  # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
-  state, start_step = ckpt.restore_latest(jax.eval_shape(init), report=print if is_main else lambda _: None)
-  if not start_step:
-    state = init()
-  if start_step and is_main:
-    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
-  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
-  if is_main:
-    _write_config(config_path, config)
-  return model, ckpt, state, start_step, replicated
-
-
 def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest intact checkpoint. Returns the last metrics written
   (with 'stopped_by_signal' when SIGTERM/SIGINT ended the run early).
 
-  Every check of the config, the data and the workdir runs before anything is written: a mistake leaves the workdir
-  as it was. A run killed at any point and started again with the same command ends as if never interrupted."""
-  if config.data.get('streaming', False):  # ImageNet: batches stream from disk (imagenet_input.py)
-    return train_and_evaluate_streaming(config, workdir, force_resume, devices)
-  mesh, num_devices, is_main = _check_run(config, workdir, devices)
-
-  ds = data.load(config.data)
-  if ds.num_classes != config.model.num_classes:
-    raise ValueError(f'The dataset has {ds.num_classes} classes but config.model.num_classes='
-                     f'{config.model.num_classes}.')
-  if len(ds.train_labels) < config.batch_size:
-    raise ValueError(f'The training split has {len(ds.train_labels)} examples, fewer than config.batch_size='
-                     f'{config.batch_size}.')
-  model, ckpt, state, start_step, replicated = _start(config, workdir, mesh, ds.train_images.shape[1:],
-                                                      force_resume, is_main)
-
-  mean = augment.pixel_mean(ds.train_images)
-  train_images, train_labels, mean_d = (jax.device_put(a, replicated) for a in
-                                        (ds.train_images, ds.train_labels, mean))
-  eval_splits = {}
-  for name, images, labels in (('val', ds.val_images, ds.val_labels), ('test', ds.test_images, ds.test_labels)):
-    if images is not None:
-      eval_splits[name] = _place_split(mesh, images, labels, config.eval_batch_size)
-  step_fn = train.make_train_step(config, model, mesh)
-  eval_fn = train.make_eval_fn(model, mesh)
-
-  if is_main:
-    _announce(config, workdir, f'{len(ds.train_labels)} images of {config.data.dataset}', num_devices)
-
-
-  def eval_rows(state, step):
-    row = {}
-    for i, (name, batches) in enumerate(eval_splits.items()):
-      sums = eval_fn(state, batches, mean_d)
-      if i == 0:
-        faults.point('eval', step)
-      row.update(_summarise(sums, name))
-    return row
-
-  return _run_loop(config, workdir, ckpt, state, start_step, is_main, replicated,
-                   lambda state: step_fn(state, train_images, train_labels, mean_d), eval_rows)
-
-
-def _check_run(config, workdir, devices):
-  """The checks every run makes before touching anything: mesh, config, model, workdir. Returns the mesh, its
-  device count and whether this is the process that writes logs."""
-  mesh = train.make_mesh(devices, config.get('mesh'))
+  One run for every dataset: the input (input_pipeline.py) is the only part that differs between the in-memory
+  datasets and the streamed ones. Every check of the config, the data and the workdir runs before anything is
+  written: a mistake leaves the workdir as it was. A run killed at any point and started again with the same
+  command ends as if never interrupted (for the streamed input, see `resumes_exactly` there)."""
+  cpu_devices.configure(config)  # before anything starts JAX's backends
+  mesh = train.make_mesh(devices, config.mesh)
   train.validate(config, mesh.devices.size)
   models.validate_model_config(config.model)
   _check_workdir(workdir)
-  return mesh, mesh.devices.size, jax.process_index() == 0
+  is_main = jax.process_index() == 0
+  inp = input_pipeline.create(config, mesh, workdir)
+
+  config_path = os.path.join(workdir, 'config.json')
+  _check_resume_config(config_path, config, force_resume)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
+  # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
+  model, template = train.create_model_and_state(config, mesh, abstract=True)
+  state, start_step = ckpt.restore_latest(template, report=print if is_main else lambda _: None)
+  if not start_step:
+    model, state = train.create_model_and_state(config, mesh)
+  elif is_main:
+    print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
+  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
+  if is_main:
+    _write_config(config_path, config)
+    _announce(config, workdir, inp.description, mesh.devices.size)
+
+  step_fn = train.make_train_step(config, model, mesh, inp)
+  inputs = inp.train_inputs(start_step)
+  return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
+                   lambda state: step_fn(state, *next(inputs)),
+                   lambda state, step: evaluate_splits(model, inp, state, step))
+
+
+def evaluate_splits(model, inp, state, step: int) -> dict:
+  """The evaluation entries of a metrics line: loss and error (top-5 too for more than 10 classes) of every
+  held-out split of the input, exact, with the BN moving averages."""
+  row, variables = {}, evaluate.local_variables(state)
+  for split in inp.eval_splits():
+    r = evaluate.evaluate(model, variables, inp.eval_batches(split))
+    row.update({f'{split}_loss': r['loss'], f'{split}_error': r['top1_error']})
+    if inp.num_classes > 10:
+      row[f'{split}_top5_error'] = r['top5_error']
+  return row
 
 
 def _announce(config, workdir, data: str, num_devices: int) -> None:
   """The one line a run prints before its first step: network, data, devices, batch, steps, workdir."""
   print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} ({config.model.family}) '
-        f'on {data}, {num_devices} device(s) ({jax.devices()[0].platform}) in {jax.process_count()} process(es), '
+        f'on {data}, {num_devices} device(s) ({_device_choice()}) in {jax.process_count()} process(es), '
         f'batch {config.batch_size}, {config.num_steps} steps, workdir {workdir}', flush=True)
+
+
+def _device_choice() -> str:
+  platform = jax.devices()[0].platform
+  return f'{platform}: {cpu_devices.describe()}' if platform == 'cpu' else platform
 
 
 def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, next_state,
               eval_rows) -> dict:
-  """The training loop both data paths share: `next_state(state)` takes one step, `eval_rows(state, step)` returns
-  the evaluation entries of a metrics line. Logging, evaluation, checkpoint cadence, non-finite checks, signals and
-  the final plot live here once. `replicated` is the sharding of the state."""
+  """The training loop: `next_state(state)` takes one step, `eval_rows(state, step)` returns the evaluation
+  entries of a metrics line. Logging, evaluation, checkpoint cadence, non-finite checks, signals and the final
+  plot live here once. `replicated` is the sharding of the state."""
   writer = metrics_io.MetricsWriter(workdir, start_step, enabled=is_main)
   progress = metrics_io.Progress(config.num_steps, start_step, enabled=is_main)
   last = {}
@@ -219,7 +189,6 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
       step += 1
       if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
         stop.signal = signal.SIGTERM
-      faults.point('train', step)
       final = step == config.num_steps
       row = {}
       # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
@@ -229,7 +198,7 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
         skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True)
         row.update(_summarise(sums, 'train'))
         row['lr'] = float(sums['lr'])
-        if config.get('nonfinite_loss', 'stop') == 'skip':
+        if config.nonfinite_loss == 'skip':
           row['skipped_steps'] = skipped
         now = time.time()
         row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
@@ -263,49 +232,3 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
     plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}': rows},
                          os.path.join(workdir, 'curves.png'))
   return last
-
-
-def train_and_evaluate_streaming(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
-  """The run for streamed data (`config.data.streaming`, ImageNet): each step takes the next batch that
-  imagenet_input's tf.data stream prepared on the host (already augmented; each host reads its shard), and the
-  validation split is evaluated with the centre-crop protocol (evaluate.py). Checkpoints, logging and signals
-  work as in `train_and_evaluate`; a resumed run draws a fresh shuffle (the tf.data position is not saved)."""
-  from resnet_jax import evaluate, imagenet_input
-  mesh, num_devices, is_main = _check_run(config, workdir, devices)
-
-  info = imagenet_input.split_info(config.data, 'train')
-  if len(info.class_names) != config.model.num_classes:
-    raise ValueError(f'The dataset has {len(info.class_names)} classes but config.model.num_classes='
-                     f'{config.model.num_classes}.')
-  if info.num_examples < config.batch_size:
-    raise ValueError(f'The training split has {info.num_examples} examples, fewer than config.batch_size='
-                     f'{config.batch_size}.')
-  try:
-    has_val = imagenet_input.split_info(config.data, 'val').num_examples > 0
-  except data.DatasetNotFoundError:
-    has_val = False
-
-  size = config.data.image_size
-  model, ckpt, state, start_step, replicated = _start(config, workdir, mesh, (size, size, 3), force_resume,
-                                                      is_main)
-  mean = imagenet_input.input_mean(config.data, workdir)
-  step_fn = train.make_batch_train_step(config, model, mesh)
-  stream = imagenet_input.train_dataset(config, mean, seed_offset=start_step).as_numpy_iterator()
-  batches = imagenet_input.prefetch_to_device(stream, NamedSharding(mesh, train.batch_spec(mesh)),
-                                              config.data.prefetch_to_device)
-
-  if is_main:
-    _announce(config, workdir, f'{info.num_examples} images of {config.data.dataset} (streamed)', num_devices)
-
-
-  def eval_rows(state, step):
-    if not has_val:
-      return {}
-    r = evaluate.evaluate(config, model, evaluate.local_variables(state), mean, 'center')
-    return dict(val_loss=r['loss'], val_error=r['top1_error'], val_top5_error=r['top5_error'])
-
-  def next_state(state):
-    images, labels = next(batches)
-    return step_fn(state, images, labels)
-
-  return _run_loop(config, workdir, ckpt, state, start_step, is_main, replicated, next_state, eval_rows)

@@ -1,12 +1,14 @@
-"""Test-only fault injection: lets tests kill a run at an exact point, so that resume can be checked bitwise.
+"""Fault injection for the tests: kills a run at an exact point, so that resume can be checked bitwise.
 
-Set RESNET_JAX_TEST_FAULT=ACTION@POINT:STEP in the environment of a run; the process then sends itself a signal
-the first time it reaches POINT at STEP. Nothing happens when the variable is unset, which is always the case
-outside tests/test_reliability.py.
+  RESNET_JAX_TEST_FAULT=kill@train:7 python tests/faults.py --config=... --workdir=...   (resnet_jax.main's flags)
+
+runs `resnet_jax.main` with hooks installed from outside the package (monkeypatching the step factory and the
+evaluation, and the checkpointer's temporary-path hook); the process sends itself a signal the first time it
+reaches POINT at STEP. The package itself knows nothing of this.
 
   ACTION  kill (SIGKILL: no handler runs, like a lost machine), term (SIGTERM: a preemption notice), int (SIGINT)
-  POINT   train       after the update of STEP is dispatched, before its log line, evaluation or checkpoint
-          eval        during the evaluation at STEP, while the first split's evaluation is in flight
+  POINT   train       after the update of STEP, before its log line, evaluation or checkpoint
+          eval        at the start of the evaluation at STEP
           checkpoint  inside the checkpoint write of STEP: the arrays are written to the temporary directory and
                       the commit (the rename to the final name) has not happened yet
 """
@@ -68,3 +70,37 @@ def temporary_path_class():
       return await super().finalize(*args, **kwargs)
 
   return SignalBeforeCommit
+
+
+def install() -> None:
+  """Arms the points named by the environment in resnet_jax's training run."""
+  import jax
+  from resnet_jax import checkpoint, train, trainer
+  if armed('train') is not None:
+    make_step = train.make_train_step
+
+    def make_train_step(*args, **kwargs):
+      step_fn = make_step(*args, **kwargs)
+
+      def step(state, *inputs):
+        new = step_fn(state, *inputs)
+        point('train', int(jax.device_get(new.step)))
+        return new
+      return step
+    train.make_train_step = make_train_step
+  if armed('eval') is not None:
+    evaluate_splits = trainer.evaluate_splits
+
+    def evaluate_with_fault(model, inp, state, step):
+      point('eval', step)
+      return evaluate_splits(model, inp, state, step)
+    trainer.evaluate_splits = evaluate_with_fault
+  checkpoint.Checkpointer.temporary_path_class = temporary_path_class()
+
+
+if __name__ == '__main__':
+  from absl import app
+  from resnet_jax import main
+  install()
+  app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
+

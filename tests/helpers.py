@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from resnet_jax import config_base
+from resnet_jax import config_base, input_pipeline, train
 
 
 def tiny_config(**overrides):
@@ -25,6 +25,13 @@ def tiny_config(**overrides):
       target = target[p]
     target[leaf] = v
   return c
+
+
+def training_step(config, mesh, dataset=None):
+  """(model, initial state, jitted step, the step's inputs) of `config` on `mesh`, built as a run builds them."""
+  inp = input_pipeline.InMemoryInput(config, mesh, dataset)
+  model, state = train.create_model_and_state(config, mesh)
+  return model, state, train.make_train_step(config, model, mesh, inp), next(inp.train_inputs(0))
 
 
 def write_image_folder(root, splits=('train', 'test'), classes=('cat', 'dog', 'frog'), per_class=4, size=32,

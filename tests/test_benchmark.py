@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resnet_jax import augment, benchmark, data, models, summary, train
-from helpers import tiny_config
+from helpers import tiny_config, training_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,15 +58,10 @@ def _run_steps(config, steps, state=None):
   """`steps` training steps from `state` (default: the initial state); one compiled step per distinct config."""
   key = config.to_json()
   if key not in _STEP_FNS:
-    mesh = train.make_mesh(jax.devices()[:1])
-    ds = data.load(config.data)
-    model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-    rep = NamedSharding(mesh, P())
-    args = [jax.device_put(a, rep) for a in (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))]
-    init = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], 10), out_shardings=rep)
-    _STEP_FNS[key] = (init, train.make_train_step(config, model, mesh), args)
+    _, init, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
+    _STEP_FNS[key] = (jax.device_get(init), step, args)  # on the host: the step donates the state it is given
   init, step, args = _STEP_FNS[key]
-  state = init() if state is None else jax.device_put(state)
+  state = jax.device_put(init if state is None else state)
   for _ in range(steps):
     state = step(state, *args)
   return jax.device_get(state)
@@ -175,7 +169,7 @@ def test_scanned_blocks_compute_the_same_network():
 def test_scanned_backward_keeps_every_convolution_in_the_fast_layout():
   """Inside a scan body XLA:CPU does not rewrite convolutions into the one layout its fast kernels take, so the
   gradient convolutions of autodiff ran in its generic loop (a ResNet-56 step: 75 s instead of 1.2 s). The scanned
-  blocks write their gradients in that layout themselves (`models.conv_with_explicit_gradients`)."""
+  blocks write their gradients in that layout themselves (`xla_workarounds.conv_with_explicit_gradients`)."""
   config = tiny_config(**{'model.depth': 20})
   config.model.scan_blocks = True
   model = models.create_model(config.model, bn_group_size=0)

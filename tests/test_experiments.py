@@ -4,11 +4,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import fig7, paper, report, sweep, table3, table6
-from resnet_jax import config_base, metrics_io, models
+from resnet_jax import config_base, input_pipeline, metrics_io, models
 from helpers import tiny_config, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monke
   assert sweep.run_status(workdir, 6) == 'partial'  # finished at 3 of what is now asked to be 6 steps
   assert sweep.run_status(str(tmp_path / 'nothing'), 6) == 'new'
   info = sweep.read_run_info(workdir)
-  assert (info['sessions'], info['planned_steps'], info['last_outcome']) == (1, 3, 'finished')
+  assert (info['invocations'], info['planned_steps'], info['last_outcome']) == (1, 3, 'finished')
   assert info['wall_seconds'] > 0 and 'cpu' in info['device']
 
   # The same run asked for 6 steps is handed back to the trainer (which resumes it from its checkpoint: see
@@ -49,9 +50,9 @@ def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monke
   six = _spec('plain-8', residual=False)
   assert sweep.run_sweep([six], runs, log=quiet) == {workdir: 'finished'} and calls == [(6, workdir)]
   assert [r['step'] for r in metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))] == [3, 6]
-  assert sweep.read_run_info(workdir)['sessions'] == 2
+  assert sweep.read_run_info(workdir)['invocations'] == 2
   assert sweep.run_sweep([six], runs, log=quiet) == {workdir: 'skipped'} and len(calls) == 1
-  assert sweep.read_run_info(workdir)['sessions'] == 2
+  assert sweep.read_run_info(workdir)['invocations'] == 2
 
 
 def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
@@ -137,16 +138,32 @@ def test_layer_stds_match_a_direct_computation():
   images = np.asarray(jax.random.randint(jax.random.key(2), (37, 8, 8, 3), 0, 256), np.uint8)
   mean = images.mean(0).astype(np.float32)
 
-  stds = fig7.layer_stds(model, variables, images, mean, batch_size=32)  # 32 + 5 (padded to 32, masked)
+  batches = input_pipeline.padded_batches(images, labels=np.zeros(37, np.int32), batch_size=32,
+                                          prepare=lambda x: x.astype(np.float32) - mean)
+  stds = fig7.layer_stds(model, variables, batches)  # 32 + 5 (padded to 32, masked)
 
   _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']))(
       variables, images.astype(np.float32) - mean)
   layers = fig7._layer_order(state['intermediates'])
-  assert len(layers) == 12  # 2 x 3n 3x3 layers for depth 6n+2 = 14
+  assert len(layers) == 13  # the first layer and 2 x 3n 3x3 layers of the blocks for depth 6n+2 = 14
   direct = [np.mean(np.std(np.asarray(y, np.float64), axis=(0, 1, 2))) for y in layers]
   np.testing.assert_allclose(stds, direct, rtol=1e-4)
   # Network order: the first layer works on 8x8 maps with 16 channels, the last on 2x2 with 64.
   assert layers[0].shape[1:] == (8, 8, 16) and layers[-1].shape[1:] == (2, 2, 64)
+
+
+def test_fig7_layers_of_a_scanned_net_come_in_the_same_order_as_unrolled():
+  """scan_blocks stacks a stage's later blocks: their responses are split back into blocks, in network order."""
+  c = config_base.cifar(20)
+  x = jnp.ones((2, 8, 8, 3))
+  shapes = []
+  for scan in (False, True):
+    c.model.scan_blocks = scan
+    model = models.create_model(c.model, bn_group_size=0)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+    shapes.append([y.shape for y in fig7._layer_order(state['intermediates'])])
+  assert len(shapes[0]) == 19 and shapes[0] == shapes[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +240,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   outputs = '\n'.join(o.get('text', '') + str(o.get('data', {}).get('text/plain', ''))
                       for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs)
   assert 'plain-8' in outputs and 'resnet-8' in outputs
-  assert outputs.count('6 layers, std mean') == 2
+  assert outputs.count('7 layers, std mean') == 2  # the first layer and 2 per block of ResNet-8
   assert (tmp_path / 'runs' / 'digits_degradation' / 'fig7.png').exists()
   assert (tmp_path / 'runs' / 'report.md').exists()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import bn_recalibration, config_base, evaluate, imagenet_input, metrics_io, models, torchvision_weights
+from resnet_jax import (bn_recalibration, checkpoint, config_base, evaluate, imagenet_input, input_pipeline,
+                        metrics_io, models, torchvision_weights, train)
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,13 +225,14 @@ def test_evaluator_top1_top5_match_a_direct_computation(folder):
   y = np.concatenate([b['labels'][b['mask'] > 0] for b in batches])
   log_probs = np.asarray(jax.jit(lambda x: jax.nn.log_softmax(model.apply(variables, x, train=False)))(x))
   order = np.argsort(-log_probs, axis=1)
-  r = evaluate.evaluate(c, model, variables, mean, 'center')
+  r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, mean, 'center', 4))
   assert r['count'] == 9
   assert r['top1_error'] == pytest.approx(np.mean(order[:, 0] != y))
   assert r['top5_error'] == pytest.approx(np.mean(~np.any(order[:, :5] == y[:, None], 1)))
   assert r['loss'] == pytest.approx(np.mean(-log_probs[np.arange(9), y]), rel=1e-5)
   for protocol in ('10crop', 'multiscale'):
-    r = evaluate.evaluate(c, model, variables, mean, protocol)
+    bs = evaluate.protocol_batch_size(c, protocol, jax.local_device_count())
+    r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, mean, protocol, bs), protocol)
     assert r['count'] == 9 and 0 <= r['top5_error'] <= r['top1_error'] <= 1
 
 
@@ -245,8 +247,8 @@ def test_dense_scores_reduce_to_the_logits_when_the_pool_covers_the_map():
 
 def test_evaluating_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
   c = tiny_imagenet_config(tmp_path)
-  with pytest.raises(evaluate.CheckpointNotFoundError, match='No checkpoint under'):
-    evaluate.restore_state(c, str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointNotFoundError, match='No checkpoint under'):
+    checkpoint.restore_from_workdir(c, str(tmp_path), train.make_mesh())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,9 +482,10 @@ def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder,
 def test_bn_recalibration_from_the_training_stream(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
   model, variables = _resnet8()
+  inp = input_pipeline.StreamedInput(c, train.make_mesh())
   with pytest.raises(ValueError, match='fewer than one batch'):
-    bn_recalibration.recalibrate_from_config(c, model, variables, np.zeros(3, np.float32), 4)
-  new = bn_recalibration.recalibrate_from_config(c, model, variables, np.zeros(3, np.float32), 16)
+    bn_recalibration.recalibrate_from_input(c, model, variables, inp, 4)
+  new = bn_recalibration.recalibrate_from_input(c, model, variables, inp, 16)
   stem = new['batch_stats']['stem_bn']
   # Fresh statistics are mean 0 / var 1; 0..255 pixels through the stem conv give something else entirely.
   assert np.all(np.isfinite(stem['var'])) and np.abs(np.asarray(stem['mean'])).max() > 1

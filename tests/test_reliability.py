@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, config_base, faults, metrics_io, train, trainer
+import faults
+from resnet_jax import checkpoint, config_base, metrics_io, train, trainer
 from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +42,9 @@ def _main(workdir, *extra, fault=None, cache=None, config='configs/digits.py'):
   if fault:
     env[faults.ENV] = fault
   args = [f'--config={config}', f'--workdir={workdir}', *(_flag(k, v) for k, v in RUN.items()), *extra]
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], capture_output=True, text=True, cwd=REPO,
-                        env=env, timeout=600)
+  command = [os.path.join(REPO, 'tests', 'faults.py')] if fault else ['-m', 'resnet_jax.main']
+  return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=600)
 
 
 def _ok(out):

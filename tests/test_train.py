@@ -3,20 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, data, models, train
-from helpers import tiny_config
+from resnet_jax import augment, evaluate, input_pipeline, models, train
+from helpers import tiny_config, training_step
 
 
 def _one_step(config, devices, steps=1):
-  mesh = train.make_mesh(devices)
-  ds = data.load(config.data)
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  rep = NamedSharding(mesh, P())
-  state = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], 10), out_shardings=rep)()
-  args = [jax.device_put(a, rep) for a in (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))]
-  step = train.make_train_step(config, model, mesh)
+  _, state, step, args = training_step(config, train.make_mesh(devices))
   for _ in range(steps):
     state = step(state, *args)
   return jax.device_get(state)
@@ -100,12 +93,7 @@ def test_warmup_switch_inside_the_real_step():
   """ResNet-110 recipe on the digits: the step returns to lr 0.1 once the error falls, within a few dozen steps."""
   c = tiny_config(num_steps=60, batch_size=64, lr_boundaries=())
   c.warmup.enabled = True
-  mesh = train.make_mesh(jax.devices()[:1])
-  ds = data.load(c.data)
-  model = models.create_model(c.model, bn_group_size=c.bn_group_size)
-  state = train.init_state(c, model, ds.train_images.shape[1:], 10)
-  step = train.make_train_step(c, model, mesh)
-  args = (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))
+  _, state, step, args = training_step(c, train.make_mesh(jax.devices()[:1]))
   lrs = []
   for _ in range(60):
     state = step(state, *args)
@@ -147,8 +135,8 @@ def test_epochs_visit_every_example_once_and_reshuffle():
 
 
 def test_eval_counts_every_example():
-  """1,001 examples at batch 100: 11 batches, the last one with one real example, all 1,001 counted."""
-  mesh = train.make_mesh()
+  """1,001 examples at batch 100: 11 batches, the last one with one real example, all 1,001 counted, with the
+  loss and error of the unbatched network."""
   c = tiny_config()
   model = models.create_model(c.model, bn_group_size=c.bn_group_size)
   rng = np.random.default_rng(0)
@@ -156,10 +144,16 @@ def test_eval_counts_every_example():
   labels = rng.integers(0, 10, (1001,), dtype=np.int32)
   state = train.init_state(c, model, (8, 8, 3), 10)
   mean = augment.pixel_mean(images)
-  sums = jax.device_get(train.make_eval_fn(model, mesh)(state, train.place_split(mesh, images, labels, 100), mean))
-  assert sums['count'] == 1001
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images - mean, train=False)
-  assert sums['errors'] == int(np.sum(np.argmax(logits, -1) != labels))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  batches = list(input_pipeline.padded_batches(images, labels, 100, lambda x: augment.normalize(x, mean)))
+  assert len(batches) == 11 and batches[-1]['mask'].sum() == 1
+  r = evaluate.evaluate(model, variables, batches)
+  assert r['count'] == 1001
+  logits = model.apply(variables, images - mean, train=False)
+  logits = np.asarray(logits)
+  assert r['top1_error'] == pytest.approx(float(np.mean(np.argmax(logits, -1) != labels)), abs=1e-9)
+  loss = np.mean(-np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), labels[:, None], -1))
+  assert r['loss'] == pytest.approx(float(loss), rel=1e-5)
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -180,12 +174,8 @@ def test_a_two_axis_mesh_from_config_gives_the_same_step_as_one_device():
   config.mesh.axes, config.mesh.shape = ('replica', 'data'), (2, -1)
   mesh = train.make_mesh(jax.devices()[:4], config.mesh)
   assert dict(mesh.shape) == {'replica': 2, 'data': 2}
-  ds = data.load(config.data)
-  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  rep = NamedSharding(mesh, P())
-  state = jax.jit(lambda: train.init_state(config, model, ds.train_images.shape[1:], 10), out_shardings=rep)()
-  args = [jax.device_put(a, rep) for a in (ds.train_images, ds.train_labels, augment.pixel_mean(ds.train_images))]
-  state = jax.device_get(train.make_train_step(config, model, mesh)(state, *args))
+  _, state, step, args = training_step(config, mesh)
+  state = jax.device_get(step(state, *args))
   _assert_states_close(state, _one_step(tiny_config(), jax.devices()[:1]))
 
 

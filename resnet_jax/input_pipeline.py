@@ -1,0 +1,152 @@
+"""The one input interface the training loop, the evaluator and the tools see, and its two implementations.
+
+An `Input` answers four questions:
+  what the data is     `image_shape`, `num_classes`, `class_names`, `num_train_examples`, `mean`, `description`
+  the step's inputs    `train_inputs(start_step)`: an iterator giving, per step from `start_step` on, the arrays the
+                       jitted step takes after the state (`input_shardings` says how each is placed), and
+                       `device_batch(step, *inputs)`: traced inside the step, returns the batch (x, y) the
+                       update sees. The loop never looks inside.
+  where a run resumes  the step alone: batch k is a function of (seed, k), so a resumed run feeds the batches an
+                       uninterrupted one would (`resumes_exactly` says whether this input keeps that promise).
+  what to evaluate     `eval_splits()` and `eval_batches(split, protocol, batch_size)`: this process's padded batches
+                       {'images', 'labels', 'mask'} of the split, every example once (evaluate.py sums them).
+
+InMemoryInput (CIFAR, digits; data.py): the whole training set lives on the devices as uint8; the step draws its
+batch from the epoch's permutation and augments it on the device (augment.py), so a step needs no host work.
+
+StreamedInput (ImageNet; imagenet_input.py): batches are decoded and augmented on the host, each process reading
+its shard, and fed to the devices a few steps ahead. The step takes them as they are.
+"""
+import itertools
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax import augment, data, train
+
+
+def create(config, mesh, workdir: str | None = None):
+  """The input `config.data` describes, checked against the config (classes, batch) before anything is written."""
+  inp = StreamedInput(config, mesh, workdir) if config.data.streaming else InMemoryInput(config, mesh)
+  if inp.num_classes != config.model.num_classes:
+    raise ValueError(f'The dataset has {inp.num_classes} classes but config.model.num_classes='
+                     f'{config.model.num_classes}.')
+  if inp.num_train_examples < config.batch_size:
+    raise ValueError(f'The training split has {inp.num_train_examples} examples, fewer than config.batch_size='
+                     f'{config.batch_size}.')
+  return inp
+
+
+class InMemoryInput:
+  resumes_exactly = True
+
+  def __init__(self, config, mesh, dataset: data.Dataset | None = None):
+    ds = data.load(config.data) if dataset is None else dataset
+    self._config, self._mesh, self._ds = config, mesh, ds
+    self.image_shape = ds.train_images.shape[1:]
+    self.class_names = list(ds.class_names)
+    self.num_classes = ds.num_classes
+    self.num_train_examples = len(ds.train_labels)
+    self.mean = augment.pixel_mean(ds.train_images)
+    self.description = f'{self.num_train_examples} images of {config.data.dataset}'
+    self._splits = {name: (images, labels) for name, images, labels in
+                    (('val', ds.val_images, ds.val_labels), ('test', ds.test_images, ds.test_labels))
+                    if images is not None}
+    replicated = NamedSharding(mesh, P())
+    self.input_shardings = (replicated, replicated, replicated)
+    self._batch_sharding = NamedSharding(mesh, train.batch_spec(mesh))
+    self._resident = None
+
+  def train_inputs(self, start_step: int):
+    if self._resident is None:  # placed once, on first use: the training set, its labels and the mean image
+      sharding = self.input_shardings[0]
+      self._resident = tuple(jax.device_put(a, sharding)
+                             for a in (self._ds.train_images, self._ds.train_labels, self.mean))
+    return itertools.repeat(self._resident)
+
+  def device_batch(self, step, images, labels, mean):
+    """The batch of `step`: indices from the epoch's permutation, cropped and flipped on the device (each device
+    gathers and augments its own slice of the batch)."""
+    config = self._config
+    idx = jax.lax.with_sharding_constraint(train.batch_indices(config, images.shape[0], step), self._batch_sharding)
+    aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), step)
+    return augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip), labels[idx]
+
+  def eval_splits(self) -> tuple:
+    return tuple(self._splits)
+
+  def eval_batches(self, split: str, protocol: str = 'center', batch_size: int = 0, limit: int = 0):
+    if protocol != 'center':
+      raise ValueError(f'The in-memory datasets are tested on the single original view (protocol center), not '
+                       f'{protocol!r}.')
+    images, labels = self._splits[split]
+    if limit:
+      images, labels = images[:limit], labels[:limit]
+    yield from padded_batches(images, labels, batch_size or self._config.eval_batch_size,
+                              lambda x: augment.normalize(x, self.mean))
+
+
+def padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, prepare=lambda x: x):
+  """This process's share of the split as {'images', 'labels', 'mask'} batches of `batch_size`: the split is cut
+  into batches, the last padded (mask 0), and the batches dealt round the processes. `prepare` maps the images of
+  a batch (e.g. mean subtraction) on the host."""
+  n, pi, pc = len(labels), jax.process_index(), jax.process_count()
+  for b, start in enumerate(range(0, n, batch_size)):
+    if b % pc != pi:
+      continue
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    k, pad = len(y), batch_size - len(y)
+    yield {'images': np.asarray(prepare(np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]))),
+           'labels': np.concatenate([y, np.zeros((pad,), y.dtype)]),
+           'mask': np.concatenate([np.ones(k, np.float32), np.zeros(pad, np.float32)])}
+
+
+class StreamedInput:
+  # The tf.data stream does not save its position: a resumed run draws a fresh order from (seed, step).
+  resumes_exactly = False
+
+  def __init__(self, config, mesh, workdir: str | None = None):
+    from resnet_jax import imagenet_input
+    self._imagenet = imagenet_input
+    self._config, self._mesh = config, mesh
+    info = imagenet_input.split_info(config.data, 'train')
+    self.class_names = list(info.class_names)
+    self.num_classes = len(info.class_names)
+    self.num_train_examples = info.num_examples
+    size = config.data.image_size
+    self.image_shape = (size, size, 3)
+    try:
+      has_val = imagenet_input.split_info(config.data, 'val').num_examples > 0
+    except data.DatasetNotFoundError:
+      has_val = False
+    self._splits = ('val',) if has_val else ()
+    self._workdir = workdir
+    self._mean = None
+    self.description = f'{self.num_train_examples} images of {config.data.dataset} (streamed)'
+    batch = NamedSharding(mesh, train.batch_spec(mesh))
+    self.input_shardings = (batch, batch)
+
+  @property
+  def mean(self) -> np.ndarray:
+    if self._mean is None:  # read from the workdir when a run saved it, else computed (and saved) once
+      self._mean = self._imagenet.input_mean(self._config.data, self._workdir)
+    return self._mean
+
+  def host_batches(self, start_step: int):
+    """This process's share of each training batch from `start_step` on, as numpy (images, labels)."""
+    return self._imagenet.train_dataset(self._config, self.mean, seed_offset=start_step).as_numpy_iterator()
+
+  def train_inputs(self, start_step: int):
+    return self._imagenet.prefetch_to_device(self.host_batches(start_step), self.input_shardings[0],
+                                             self._config.data.prefetch_to_device)
+
+  def device_batch(self, step, images, labels):
+    return images, labels
+
+  def eval_splits(self) -> tuple:
+    return self._splits
+
+  def eval_batches(self, split: str, protocol: str = 'center', batch_size: int = 0, limit: int = 0):
+    return self._imagenet.eval_batches(self._config, self.mean, protocol,
+                                       batch_size or self._config.eval_batch_size, split, limit=limit)
