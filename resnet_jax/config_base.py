@@ -39,6 +39,11 @@ def base() -> ml_collections.ConfigDict:
   c.lr_boundaries = (32_000, 48_000)  # "divide it by 10 at 32k and 48k iterations"
   c.lr_decay_factor = 0.1
   c.momentum = 0.9
+  # How momentum meets the learning rate. 'caffe' (the authors' framework): v = m v - lr g; w += v, so a velocity
+  # carries the lr of the steps that made it. 'pytorch' (torch.optim.SGD, which most PyTorch reproductions use):
+  # v = m v + g; w -= lr v, so a new lr also rescales the velocity. The same while the lr is constant; they differ
+  # after each lr change (the ResNet-110 warm-up exit, each drop). Weight decay is L2 added to g in both.
+  c.momentum_form = 'caffe'         # 'caffe' | 'pytorch'
   c.weight_decay = 1e-4
   # Which parameters decay. The paper states weight decay 1e-4 with no exception (Caffe, which the authors used,
   # decays every parameter unless a layer opts out), so 'all' is the default: conv and fc weights, fc bias, and BN
