@@ -3,8 +3,8 @@
   python -m experiments.report RUNS_DIR [--out RUNS_DIR/report.md]
 
 Reads RUNS_DIR/<experiment>/<net>/seed<k>/{config.json, metrics.jsonl, run_info.json}. Per experiment and net:
-our final error (mean +- std over the seeds that finished), the split it was measured on, the paper's number, the
-difference, steps run, wall time; runs cut short (fewer steps than they planned) are listed on their own rows,
+our final error (mean +- std over the seeds that finished), the split and testing protocol it was measured with, the
+paper's number with its table and protocol, the difference, steps run, wall time; runs cut short (fewer steps than they planned) are listed on their own rows,
 labelled, and never averaged with finished ones; shortened recipes are labelled as such. Writes fig6.png per
 experiment (Fig. 6 style) and embeds it, and embeds fig7.png where `experiments.fig7` has written one.
 """
@@ -33,6 +33,7 @@ class Run:
   error: float | None       # final held-out error (%), None when no evaluation was logged
   train_error: float | None  # training error (%) of the last logged window
   split: str                # 'test' or 'val'
+  protocol: str             # how `error` was measured: paper.SINGLE_VIEW, CENTRE_CROP or TEN_CROP
   wall_seconds: float | None
   note: str
   device: str
@@ -64,15 +65,23 @@ def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | No
   last_eval = evals[-1] if evals else None
   split = 'test' if last_eval and 'test_error' in last_eval else 'val'
   trains = [r for r in rows if 'train_error' in r]
+  steps_run = max((r['step'] for r in rows), default=0)
+  error = 100 * last_eval[f'{split}_error'] if last_eval else None
+  # The trainer evaluates ImageNet (streamed) runs on the centre crop and the in-memory sets on the single original
+  # view; `python -m resnet_jax.evaluate --protocol=10crop` at the final step gives the paper's ImageNet protocol.
+  protocol = paper.CENTRE_CROP if config['data'].get('streaming') else paper.SINGLE_VIEW
+  ten_crop = os.path.join(workdir, f'eval_10crop_step{steps_run}.json')
+  if os.path.exists(ten_crop):
+    with open(ten_crop) as f:
+      error, split, protocol = 100 * json.load(f)['top1_error'], 'val', paper.TEN_CROP
   try:
     seed = int(seed_dir.removeprefix('seed'))
   except ValueError:
     seed = config.get('seed', 0)
   return Run(experiment=experiment, net=net, seed=seed, workdir=workdir, dataset=config['data']['dataset'],
              family=config['model']['family'], planned_steps=int(config['num_steps']),
-             steps_run=max((r['step'] for r in rows), default=0),
-             error=100 * last_eval[f'{split}_error'] if last_eval else None,
-             train_error=100 * trains[-1]['train_error'] if trains else None, split=split,
+             steps_run=steps_run, error=error,
+             train_error=100 * trains[-1]['train_error'] if trains else None, split=split, protocol=protocol,
              wall_seconds=info.get('wall_seconds'), note=info.get('note', ''), device=info.get('device', ''),
              rows=rows)
 
@@ -116,13 +125,20 @@ def _row(net: str, runs: list, status: str) -> str:
   errors = [r.error for r in runs if r.error is not None]
   trains = [r.train_error for r in runs if r.train_error is not None]
   first = runs[0]
-  ours = _mean_std(errors) if errors else 'no evaluation yet'
-  ref = paper.paper_error(first.dataset, first.family, net)
+  protocols = sorted({r.protocol for r in runs})
+  ours = f'{_mean_std(errors)} ({", ".join(protocols)})' if errors else 'no evaluation yet'
+  ref = paper.paper_reference(first.dataset, first.family, net)
   if ref is not None:
-    ref_s = f'{ref:.2f}'
-    diff = f'{statistics.mean(errors) - ref:+.2f}' if errors and status.startswith('finished') else '—'
-    if diff != '—' and first.split != 'test':
-      diff += ' (val vs test)'
+    value, table, protocol = ref
+    ref_s = f'{value:.2f} ({table}, {protocol})'
+    diff = f'{statistics.mean(errors) - value:+.2f}' if errors and status.startswith('finished') else '—'
+    caveats = []
+    if diff != '—' and protocols != [protocol]:
+      caveats.append(f'{", ".join(protocols)} vs {protocol}')
+    if diff != '—' and first.split != 'test' and first.family != 'imagenet':  # ImageNet's numbers are on val
+      caveats.append('val vs test')
+    if caveats:
+      diff += f' ({"; ".join(caveats)})'
   else:
     ref_s, diff = '—', '—'
   steps = sorted({r.steps_run for r in runs})
@@ -145,9 +161,17 @@ def _reference_notes(nets, runs) -> list:
     if any(n.startswith('plain') for n in nets):
       lines.append(f'- plain nets: {paper.FIG6_PLAIN_NOTE}.')
   if 'imagenet' in families and datasets != {'imagenet2012'}:
-    ref = ', '.join(f'{n} {e:.2f}' for n, e in paper.TABLE3_TOP1_ERROR.items() if n in nets)
-    lines.append(f'- Not ImageNet ({", ".join(sorted(datasets))}): not comparable with the paper. For reference '
-                 f'only, Table 3 top-1 errors on ImageNet (10-crop): {ref}.')
+    refs = []
+    for table, numbers in (('Table 2', paper.TABLE2_TOP1_ERROR), ('Table 3', paper.TABLE3_TOP1_ERROR)):
+      listed = ', '.join(f'{n} {e:.2f}' for n, e in numbers.items() if n in nets)
+      if listed:
+        refs.append(f'{table} top-1 errors on ImageNet ({paper.TEN_CROP}): {listed}')
+    lines.append(f'- Not ImageNet ({", ".join(sorted(datasets))}): not comparable with the paper.'
+                 + (f' For reference only, {"; ".join(refs)}.' if refs else ''))
+  if 'imagenet' in families and any(r.protocol != paper.TEN_CROP for r in runs):
+    lines.append(f'- Our ImageNet errors are {paper.CENTRE_CROP} (the training run\'s evaluation) unless labelled '
+                 f'{paper.TEN_CROP}; `python -m resnet_jax.evaluate --protocol=10crop` at the final step gives the '
+                 'paper\'s protocol, which the report then uses.')
   return lines
 
 
@@ -156,7 +180,8 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
   out_dir = os.path.dirname(os.path.abspath(out_path))
   lines = [f'# Results under `{runs_dir}`', '',
            f'Generated {datetime.date.today().isoformat()} by `python -m experiments.report {runs_dir}`. '
-           'Errors in %, at the last step each run logged (never the best checkpoint). "train" is the training '
+           'Errors in %, at the last step each run logged (never the best checkpoint), each labelled with its testing '
+           'protocol (single view, centre crop or 10-crop). "train" is the training '
            'error of the last logged window (augmented batches). "held-out" is the test split where the data has '
            'one, else the validation hold-out (then compared with the paper\'s test error only as a rough guide). '
            'Seeds that did not finish are listed on their own rows and never averaged with finished ones.', '']
