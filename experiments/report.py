@@ -2,7 +2,10 @@
 
   python -m experiments.report RUNS_DIR [--out RUNS_DIR/report.md]
 
-Reads RUNS_DIR/<experiment>/<net>/seed<k>/{config.json, metrics.jsonl, run_info.json}. Per experiment and net:
+Reads every run under RUNS_DIR: a directory with config.json and metrics.jsonl (and run_info.json when a sweep made
+it). RUNS_DIR may be one `python -m resnet_jax.main --workdir=DIR` workdir, a folder of such workdirs, or a sweep's
+RUNS_DIR/<experiment>/<net>/seed<k>/ layout. Runs are grouped by experiment (the first folder below RUNS_DIR in a
+sweep, else RUNS_DIR itself), then by net and seed as each run's config.json names them. Per experiment and net:
 our final error (mean +- std over the seeds that finished), the split and testing protocol it was measured with, the
 paper's number with its table and protocol, the difference, steps run, wall time; runs cut short (fewer steps than they planned) are listed on their own rows,
 labelled, and never averaged with finished ones; shortened recipes are labelled as such. Writes fig6.png per
@@ -16,6 +19,8 @@ import os
 import statistics
 import sys
 
+import ml_collections
+
 from experiments import paper, plots, sweep
 from resnet_jax import metrics_io
 
@@ -23,6 +28,7 @@ from resnet_jax import metrics_io
 @dataclasses.dataclass
 class Run:
   experiment: str
+  experiment_dir: str       # where the experiment's fig6.png goes (and experiments.fig7 writes fig7.png)
   net: str
   seed: int
   workdir: str
@@ -53,11 +59,9 @@ class Run:
     return 'full recipe'
 
 
-def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | None:
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    return None
-  with open(config_path) as f:
+def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
+  """The run in `workdir`; its net and seed come from its config.json."""
+  with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   rows = metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   info = sweep.read_run_info(workdir)
@@ -74,11 +78,9 @@ def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | No
   if os.path.exists(ten_crop):
     with open(ten_crop) as f:
       error, split, protocol = 100 * json.load(f)['top1_error'], 'val', paper.TEN_CROP
-  try:
-    seed = int(seed_dir.removeprefix('seed'))
-  except ValueError:
-    seed = config.get('seed', 0)
-  return Run(experiment=experiment, net=net, seed=seed, workdir=workdir, dataset=config['data']['dataset'],
+  return Run(experiment=experiment, experiment_dir=experiment_dir,
+             net=paper.net_name(ml_collections.ConfigDict(config['model'])), seed=int(config['seed']),
+             workdir=workdir, dataset=config['data']['dataset'],
              family=config['model']['family'], planned_steps=int(config['num_steps']),
              steps_run=steps_run, error=error,
              train_error=100 * trains[-1]['train_error'] if trains else None, split=split, protocol=protocol,
@@ -86,24 +88,40 @@ def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | No
              rows=rows)
 
 
+RUN_FILES = ('config.json', 'metrics.jsonl')
+
+
+def find_runs(runs_dir: str) -> list:
+  """Every directory under runs_dir (runs_dir itself included) that holds a run's config.json and metrics.jsonl."""
+  found = []
+  for root, dirs, files in os.walk(runs_dir):
+    if all(f in files for f in RUN_FILES):
+      found.append(root)
+      dirs[:] = []  # a run's own folders (checkpoints, ...) hold no further runs
+    else:
+      dirs.sort()
+  return sorted(found)
+
+
 def collect(runs_dir: str) -> dict:
-  """experiment -> net -> [Run, ...] for every run folder under runs_dir."""
+  """experiment -> net -> [Run, ...] for every run under runs_dir. A run two or more levels down (a sweep's
+  <experiment>/<net>/seed<k>) belongs to the experiment of its first folder; runs_dir itself, or a workdir
+  directly in it, to the experiment named after runs_dir."""
   if not os.path.isdir(runs_dir):
     raise FileNotFoundError(f'No runs folder {runs_dir!r}; run an experiment first, e.g. '
                             'python -m experiments.digits_degradation --runs_dir runs.')
   out = {}
-  for experiment in sorted(os.listdir(runs_dir)):
-    exp_dir = os.path.join(runs_dir, experiment)
-    if not os.path.isdir(exp_dir):
-      continue
-    for net in sorted(os.listdir(exp_dir)):
-      net_dir = os.path.join(exp_dir, net)
-      if not os.path.isdir(net_dir):
-        continue
-      for seed_dir in sorted(os.listdir(net_dir)):
-        run = load_run(experiment, net, seed_dir, os.path.join(net_dir, seed_dir))
-        if run is not None:
-          out.setdefault(experiment, {}).setdefault(net, []).append(run)
+  for workdir in find_runs(runs_dir):
+    parts = os.path.relpath(workdir, runs_dir).split(os.sep)
+    if len(parts) >= 2:
+      experiment, experiment_dir = parts[0], os.path.join(runs_dir, parts[0])
+    else:
+      experiment, experiment_dir = os.path.basename(os.path.abspath(runs_dir)), runs_dir
+    run = load_run(experiment, experiment_dir, workdir)
+    out.setdefault(experiment, {}).setdefault(run.net, []).append(run)
+  for nets in out.values():
+    for runs in nets.values():
+      runs.sort(key=lambda r: (r.seed, r.workdir))
   return out
 
 
@@ -186,10 +204,11 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
            'one, else the validation hold-out (then compared with the paper\'s test error only as a rough guide). '
            'Seeds that did not finish are listed on their own rows and never averaged with finished ones.', '']
   if not experiments:
-    lines.append('No runs found.')
+    lines.append('No runs found: a run is a directory with config.json and metrics.jsonl, as '
+                 '`python -m resnet_jax.main --workdir=DIR` and the experiment sweeps write.')
   for experiment, nets in experiments.items():
-    exp_dir = os.path.join(runs_dir, experiment)
     all_runs = [r for rs in nets.values() for r in rs]
+    exp_dir = all_runs[0].experiment_dir
     devices = sorted({r.device for r in all_runs if r.device})
     lines += [f'## {experiment}', '',
               f'Dataset: {", ".join(sorted({r.dataset for r in all_runs}))}; recipe: '

@@ -158,6 +158,8 @@ def _fake_run(workdir, num_steps, rows, dataset='cifar10', depth=20, residual=Tr
   c = config_base.cifar(depth, residual) if family == 'cifar' else config_base.imagenet(depth, residual)
   c.num_steps = num_steps
   c.data.dataset = dataset
+  name = os.path.basename(workdir)
+  c.seed = int(name.removeprefix('seed')) if name.startswith('seed') else 0  # as a sweep sets it
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(c.to_json())
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
@@ -230,6 +232,25 @@ def test_report_labels_imagenet_centre_crop_against_the_papers_10_crop(tmp_path)
   assert '+2.06 (centre crop vs 10-crop)' in plain
   resnet = next(l for l in text.splitlines() if l.startswith('| resnet-18-A |'))
   assert '| 28.00 (10-crop) |' in resnet and '| 27.88 (Table 2, 10-crop) | +0.12 |' in resnet
+
+
+def test_report_reads_plain_main_workdirs_and_a_single_workdir(tmp_path):
+  from resnet_jax import trainer
+  runs = tmp_path / 'runs'
+  trainer.train_and_evaluate(tiny_config(seed=3), str(runs / 'tiny'))  # a real workdir: checkpoints/ and all
+  # A CIFAR-10 ResNet-20 workdir as `python -m resnet_jax.main --workdir=runs/c20` writes it (no run_info.json).
+  _fake_run(str(runs / 'c20'), 64_000, [{'step': 64_000, 'train_error': 0.01, 'test_error': 0.09}])
+  os.remove(runs / 'c20' / sweep.RUN_INFO)
+  text = report.render(str(runs), str(tmp_path / 'report.md'), plot=False)
+  assert 'No runs found' not in text and '## runs' in text
+  lines = text.splitlines()
+  c20 = next(l for l in lines if l.startswith('| resnet-20 | 0 |'))
+  assert '| 9.00 (single view) |' in c20 and '| 8.75 (Table 6, single view) | +0.25 |' in c20
+  tiny = next(l for l in lines if l.startswith('| resnet-8 | 3 |'))  # net and seed from its config.json
+  assert '6 of 6' in tiny and 'finished' in tiny
+  # The workdir itself as RUNS_DIR.
+  alone = report.render(str(runs / 'c20'), str(tmp_path / 'alone.md'), plot=False)
+  assert '## c20' in alone and '| 8.75 (Table 6, single view) | +0.25 |' in alone and 'resnet-8' not in alone
 
 
 def test_report_without_runs_says_how_to_make_them(tmp_path):
