@@ -229,7 +229,7 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
     lines.append('')
     lines += _reference_notes(sorted(nets, key=plots_order), all_runs)
     if plot:
-      curves = {net: rs[0].rows for net, rs in nets.items() if rs[0].rows}
+      curves = {net: [r.rows for r in rs if r.rows] for net, rs in nets.items()}  # every seed
       fig6 = os.path.join(exp_dir, 'fig6.png')
       if plots.plot_fig6(curves, fig6, experiment):
         lines += ['', f'![Fig. 6 style curves of {experiment}]({os.path.relpath(fig6, out_dir)})']

@@ -276,3 +276,26 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert outputs.count('6 layers, std mean') == 2
   assert (tmp_path / 'runs' / 'digits_degradation' / 'fig7.png').exists()
   assert (tmp_path / 'runs' / 'report.md').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fig. 6 plots: every seed and their mean.
+
+def test_fig6_draws_every_seed_thin_and_their_mean_bold(tmp_path):
+  from experiments import plots
+  seed0 = [{'step': 100, 'train_error': 0.5, 'test_error': 0.4}, {'step': 200, 'train_error': 0.3, 'test_error': 0.2}]
+  seed1 = [{'step': 100, 'train_error': 0.7, 'test_error': 0.6}, {'step': 200, 'train_error': 0.1, 'test_error': 0.1}]
+  fig = plots.draw_fig6({'resnet-20': [seed0, seed1], 'plain-20': seed0})
+  plain_ax, resnet_ax = fig.axes[:2]
+  assert len(plain_ax.lines) == 2  # one seed: training and test, nothing averaged
+  lines = resnet_ax.lines
+  assert len(lines) == 6  # per seed: training and test (thin); the mean of each (bold)
+  thin = [l for l in lines if l.get_linewidth() < 1]
+  bold = [l for l in lines if l.get_linewidth() >= 1]
+  assert len(thin) == 4 and len(bold) == 2
+  mean_test = next(l for l in bold if l.get_linestyle() == '-')
+  np.testing.assert_allclose(mean_test.get_ydata(), [50.0, 15.0])  # (40 + 60) / 2, (20 + 10) / 2
+  assert 'mean of 2 seeds' in mean_test.get_label()
+  assert sorted(tuple(l.get_ydata()) for l in thin if l.get_linestyle() == '-') == [(40.0, 20.0), (60.0, 10.0)]
+  assert plots.plot_fig6({'resnet-20': [seed0, seed1]}, str(tmp_path / 'f.png'))
+  assert not plots.plot_fig6({'resnet-20': [[], []]}, str(tmp_path / 'g.png'))
