@@ -7,8 +7,9 @@ it). RUNS_DIR may be one `python -m resnet_jax.main --workdir=DIR` workdir, a fo
 RUNS_DIR/<experiment>/<net>/seed<k>/ layout. Runs are grouped by experiment (the first folder below RUNS_DIR in a
 sweep, else RUNS_DIR itself), then by net and seed as each run's config.json names them. Per experiment and net:
 our final error (mean +- std over the seeds that finished), the split and testing protocol it was measured with, the
-paper's number with its table and protocol, the difference, steps run, wall time; runs cut short (fewer steps than they planned) are listed on their own rows,
-labelled, and never averaged with finished ones; shortened recipes are labelled as such. Writes fig6.png per
+paper's number with its table and protocol, the difference, steps run, wall time; runs cut short (fewer steps than
+they planned) are listed on their own rows, labelled, and never averaged with finished ones; shortened recipes are
+labelled as such. Writes fig6.png per
 experiment (Fig. 6 style) and embeds it, and embeds fig7.png where `experiments.fig7` has written one.
 """
 import argparse
