@@ -18,6 +18,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'         # compute dtype: 'float32' | 'bfloat16' | 'float16'; parameters stay float32
   c.model.num_classes = 10
   c.model.zero_init_last_bn = False  # not in the paper
+  # The fc layer's weights: 'he' (Sec. 3.4: "We initialize the weights as in [13]", zero-mean Gaussian with std
+  # sqrt(2 / fan_in), as for the convs) or 'flax' (Flax's Dense default, LeCun normal: std sqrt(1 / fan_in)).
+  c.model.head_init = 'he'          # 'he' | 'flax'
   c.model.bn_momentum = 0.9         # moving-average decay for evaluation statistics (PyTorch's 0.1)
   c.model.bn_epsilon = 1e-5
   c.model.scan_blocks = False       # compile-time option: scan over a stage's identical blocks (stacked params)

@@ -80,7 +80,9 @@ def test_resume_with_a_different_model_is_refused_naming_the_fields(tmp_path):
 
 def test_short_run_on_the_embedded_digits_drives_training_error_down(tmp_path):
   c = tiny_config(num_steps=60, batch_size=64, log_every_steps=10, eval_every_steps=60,
-                  checkpoint_every_steps=60, lr_boundaries=(45,), bn_group_size=16)
+                  checkpoint_every_steps=60, lr_boundaries=(40,), bn_group_size=16)
+  # The drop at 40 leaves 20 steps: in the paper's (Caffe) momentum form the velocity built at lr 0.1 decays over
+  # about 10 steps after a drop, so a drop closer to the end leaves the last window still moving at the old rate.
   c.data.image_size, c.data.pad = 16, 2
   trainer.train_and_evaluate(c, str(tmp_path))
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
