@@ -21,8 +21,9 @@ from resnet_jax import distributed, trainer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and plots.')
-_FORCE = flags.DEFINE_bool('force_resume', False, 'Resume even if the model or data fields of the config differ '
-                           'from those of the checkpointed run.')
+_FORCE = flags.DEFINE_bool('force_resume', False, 'Resume even if the model, data or recipe fields of the config '
+                           'differ from those of the checkpointed run (the earlier config.json is kept as '
+                           'config.json.1, .2, ...).')
 # Multi-host runs (docs/multihost.md): the same command on every host; jax.distributed starts only when needed.
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES, 'auto: start jax.distributed when the '
                                  'flags below or the environment (TPU VM, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) '

@@ -78,8 +78,22 @@ def _check_resume_config(config_path: str, config, force_resume: bool) -> None:
 
 
 def _write_config(config_path: str, config) -> None:
+  """Records the run's config. An earlier config.json that differs (a forced resume, or a moved dataset) is
+  kept as config.json.1, then .2, ..."""
+  new = checkpoint.config_to_dict(config)
+  if os.path.exists(config_path):
+    try:
+      with open(config_path) as f:
+        same = json.load(f) == new
+    except ValueError:  # unreadable (a forced resume does not read it): keep it too
+      same = False
+    if not same:
+      n = 1
+      while os.path.exists(f'{config_path}.{n}'):
+        n += 1
+      os.replace(config_path, f'{config_path}.{n}')
   with open(config_path + '.tmp', 'w') as f:
-    json.dump(checkpoint.config_to_dict(config), f, indent=2)
+    json.dump(new, f, indent=2)
   os.replace(config_path + '.tmp', config_path)
 
 

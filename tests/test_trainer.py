@@ -41,7 +41,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
   trainer.train_and_evaluate(tiny_config(num_steps=3), str(part))   # stops at step 3 ...
   with open(part / 'metrics.jsonl', 'a') as f:  # ... a line the killed run wrote after its last checkpoint
     f.write('{"step": 5, "train_loss": 123.0}\n')
-  trainer.train_and_evaluate(tiny_config(), str(part))              # ... and resumes to step 6
+  trainer.train_and_evaluate(tiny_config(), str(part), force_resume=True)  # ... and resumes to step 6
   assert _rows(full) == _rows(part)
   a = checkpoint.Checkpointer(str(full)).manager.restore(6)
   b = checkpoint.Checkpointer(str(part)).manager.restore(6)
@@ -133,9 +133,14 @@ def test_main_trains_and_resumes_from_the_command_line(tmp_path):
   out = _main(*args)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'step 4/4' in out.stdout and 'test err' in out.stdout
-  again = _main(*args[:2], '--config.num_steps=6', *args[3:])
+  longer = [*args[:2], '--config.num_steps=6', *args[3:]]
+  refused = _main(*longer)  # more steps is another recipe: refused unless forced, the earlier config kept
+  assert refused.returncode == 1 and 'num_steps: checkpoint has 4, this run has 6' in refused.stderr
+  again = _main(*longer, '--force_resume')
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Resumed' in again.stdout and [r['step'] for r in _rows(tmp_path)] == [2, 4, 6]
+  assert json.load(open(tmp_path / 'config.json.1'))['num_steps'] == 4
+  assert json.load(open(tmp_path / 'config.json'))['num_steps'] == 6
 
 
 @pytest.mark.parametrize('args,message', [
