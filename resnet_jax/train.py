@@ -49,6 +49,9 @@ def validate(config, num_devices: int) -> None:
   if config.get('nonfinite_loss', 'stop') not in NONFINITE_POLICIES:
     raise ValueError(f'Unknown config.nonfinite_loss {config.nonfinite_loss!r}; valid choices: '
                      f'{", ".join(NONFINITE_POLICIES)}.')
+  if config.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f'Unknown config.matmul_precision {config.matmul_precision!r}; valid choices: '
+                     f'{", ".join(MATMUL_PRECISIONS)}.')
   if config.momentum_form not in MOMENTUM_FORMS:
     raise ValueError(f'Unknown config.momentum_form {config.momentum_form!r}; valid choices: '
                      f'{", ".join(MOMENTUM_FORMS)}.')
@@ -88,6 +91,7 @@ def weight_decay_mask(params, which: str):
 
 
 MOMENTUM_FORMS = ('caffe', 'pytorch')
+MATMUL_PRECISIONS = ('highest', 'high', 'default')  # jax.default_matmul_precision values (config.matmul_precision)
 
 
 def make_optimizer(config, params, lr=1.0) -> optax.GradientTransformation:

@@ -158,7 +158,15 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   (with 'stopped_by_signal' when SIGTERM/SIGINT ended the run early).
 
   Every check of the config, the data and the workdir runs before anything is written: a mistake leaves the workdir
-  as it was. A run killed at any point and started again with the same command ends as if never interrupted."""
+  as it was. A run killed at any point and started again with the same command ends as if never interrupted.
+  Every step and evaluation is traced under config.matmul_precision."""
+  if config.matmul_precision not in train.MATMUL_PRECISIONS:  # before jax's own, longer message
+    train.validate(config, 1)
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train_and_evaluate(config, workdir, force_resume, devices)
+
+
+def _train_and_evaluate(config, workdir: str, force_resume: bool = False, devices=None) -> dict:
   if config.data.get('streaming', False):  # ImageNet: batches stream from disk (imagenet_input.py)
     return train_and_evaluate_streaming(config, workdir, force_resume, devices)
   mesh, num_devices, is_main = _check_run(config, workdir, devices)

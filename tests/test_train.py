@@ -240,3 +240,20 @@ def test_caffe_and_pytorch_momentum_agree_while_the_lr_is_constant_and_differ_af
 def test_unknown_momentum_form_lists_the_choices():
   with pytest.raises(ValueError, match=r"momentum_form 'nesterov'; valid choices: caffe, pytorch"):
     train.validate(tiny_config(momentum_form='nesterov'), 4)
+
+
+def test_matmul_precision_highest_leaves_cpu_float32_steps_unchanged():
+  """On a CPU, float32 matmuls and convs are full float32 whatever the precision, so the paper's default 'highest'
+  changes nothing there (on GPUs it turns off TF32)."""
+  config = tiny_config()
+  runs = {}
+  for precision in ('default', 'highest'):
+    with jax.default_matmul_precision(precision):
+      runs[precision] = _one_step(config, jax.devices()[:1], 2)
+  for x, y in zip(jax.tree_util.tree_leaves(runs['default']), jax.tree_util.tree_leaves(runs['highest'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_unknown_matmul_precision_lists_the_choices():
+  with pytest.raises(ValueError, match=r"matmul_precision 'tf32'; valid choices: highest, high, default"):
+    train.validate(tiny_config(matmul_precision='tf32'), 4)

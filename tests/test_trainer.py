@@ -170,3 +170,14 @@ def test_unwritable_workdir_is_refused(tmp_path):
     target = str(tmp_path / 'ro' / 'run')
   out = _main('--config=configs/digits.py', f'--workdir={target}')
   assert out.returncode != 0 and 'not writable' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_the_run_is_traced_under_config_matmul_precision(tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(trainer, '_train_and_evaluate',
+                      lambda *args: seen.append(jax.config.jax_default_matmul_precision) or {})
+  trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+  trainer.train_and_evaluate(tiny_config(matmul_precision='default'), str(tmp_path))
+  assert seen == ['highest', 'default'] and jax.config.jax_default_matmul_precision is None
+  with pytest.raises(ValueError, match='valid choices: highest, high, default'):
+    trainer.train_and_evaluate(tiny_config(matmul_precision='tf32'), str(tmp_path))
