@@ -502,7 +502,7 @@ def test_unwritable_workdir_is_refused_and_nothing_is_created(tmp_path, kind):
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/nope.py'], r"cannot load the config file 'configs/nope.py': no such file\. Configs: .*"
                                    r'configs/cifar_110\.py'),
-    (['--config.model.nonsense=3'], r"the config has no field 'nonsense' under config\.model\. Valid fields: "
+    (['--config.model.nonsense=3'], r"config\.model has no field 'nonsense'\. Fields of config\.model: "
                                     r'bn_epsilon, .*shortcut'),
 ])
 def test_command_line_mistakes_are_one_clear_message(reference, tmp_path, args, message):

@@ -162,6 +162,29 @@ def test_main_answers_bad_input_with_one_clear_message(tmp_path, args, message):
   assert message in out.stderr and 'Traceback' not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize('flag,line', [
+    ('--config.batch_sise=2', "error: --config.batch_sise=2: config has no field 'batch_sise'; did you mean "
+                              "'batch_size'? Fields of config: batch_size, bn_group_size, "),
+    ('--config.model.dept=20', "error: --config.model.dept=20: config.model has no field 'dept'; did you mean "
+                               "'depth'? Fields of config.model: bn_epsilon, bn_momentum, bottleneck, depth, "),
+    ('--config.model.qqqzzz=20', "error: --config.model.qqqzzz=20: config.model has no field 'qqqzzz'. Fields of "
+                                 "config.model: bn_epsilon, "),
+])
+def test_misspelt_config_field_is_one_line_with_the_closest_field_of_its_section(tmp_path, flag, line):
+  out = _main('--config=configs/digits.py', f'--workdir={tmp_path / "run"}', flag)
+  assert out.returncode == 1 and not (tmp_path / 'run').exists()
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(line), out.stderr
+  assert '\\' not in lines[0] and lines[0].count('did you mean') <= 1
+  section = flag.split('=')[0][len('--'):].rpartition('.')[0]  # 'config' or 'config.model'
+  listed = lines[0].split(f'Fields of {section}: ')[1].rstrip('.').split(', ')
+  from resnet_jax import config_base
+  node = config_base.base()
+  for part in section.split('.')[1:]:
+    node = node[part]
+  assert listed == sorted(node.keys())  # that section's fields, not another's
+
+
 def test_unwritable_workdir_is_refused(tmp_path):
   if os.geteuid() == 0:
     target = '/proc/resnet_jax_workdir'  # not writable even for root
