@@ -125,6 +125,7 @@ def _main(*args, cwd=REPO):
                         cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_main_trains_and_resumes_from_the_command_line(tmp_path):
   args = ['--config=configs/digits.py', f'--workdir={tmp_path}', '--config.num_steps=4',
           '--config.data.image_size=8', '--config.data.pad=1', '--config.model.depth=8', '--config.batch_size=32',
