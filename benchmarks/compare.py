@@ -6,7 +6,8 @@ ratio (ours / PyTorch images/s: above 1 means we are faster).
       [--out=results.json] [--jax-arg=--config.bn_group_size=64 ...]
 
 Each side runs in its own process (so the two never compete for the device and the JAX and PyTorch environments
-may differ). Ours runs with `--config.bn_group_size=0` (BN over the whole batch, as nn.BatchNorm2d) unless
+may differ). `--gemm` adds the ceiling of the same run: a dense float32 matrix multiply (PyTorch, the same threads,
+n=2048) in GFLOP/s, and prints each side's model GFLOP/s (6 x forward multiply-adds x images/s) as a fraction of it. Ours runs with `--config.bn_group_size=0` (BN over the whole batch, as nn.BatchNorm2d) unless
 `--jax-arg` overrides it, so both sides do the same arithmetic.
 """
 import argparse
@@ -49,6 +50,40 @@ def ours(net, depth, dtype, steps, repeats, python, extra, timeout):
   return _run(cmd, env, timeout)
 
 
+GEMM_SNIPPET = """
+import json, sys, time, torch
+n, threads = int(sys.argv[1]), int(sys.argv[2])
+if threads:
+  torch.set_num_threads(threads)
+a, b = torch.randn(n, n), torch.randn(n, n)
+for _ in range(3):
+  a @ b
+times = []
+for _ in range(5):
+  t = time.perf_counter()
+  for _ in range(5):
+    a @ b
+  times.append((time.perf_counter() - t) / 5)
+times.sort()
+print(json.dumps(dict(n=n, threads=torch.get_num_threads(), gflops=2 * n ** 3 / times[len(times) // 2] / 1e9)))
+"""
+
+
+def gemm(python, n=2048, threads=0, timeout=None):
+  """Dense float32 GEMM GFLOP/s on the CPU (median of 5 windows of 5 multiplies), in its own process."""
+  return _run([python, '-c', GEMM_SNIPPET, str(n), str(threads)], timeout=timeout)
+
+
+def cpu_flags() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next(l for l in f if l.startswith('flags')).split()
+  except (OSError, StopIteration):
+    return 'unknown'
+  wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16')
+  return ' '.join(w for w in wanted if w in flags) or 'none of ' + ' '.join(wanted)
+
+
 def theirs(net, depth, dtype, steps, repeats, python, mode, amp, channels_last, extra, timeout):
   cmd = [python, os.path.join(ROOT, 'benchmarks', 'pytorch_reference.py'), f'--net={net}', f'--depth={depth}',
          f'--steps={steps}', f'--repeats={repeats}', f'--mode={mode}', f'--amp={amp or TORCH_AMP[dtype]}',
@@ -72,6 +107,7 @@ def main():
   p.add_argument('--torch-arg', action='append', default=[], help='extra flag for pytorch_reference.py')
   p.add_argument('--timeout', type=float, default=None, help='seconds per side per case')
   p.add_argument('--out', default='', help='append one JSON line per case to this file')
+  p.add_argument('--gemm', action='store_true', help='also measure the dense float32 GEMM ceiling (CPU)')
   a = p.parse_args()
   cases = []
   for c in a.case or ['cifar:20']:
@@ -80,6 +116,7 @@ def main():
       raise SystemExit(f'error: unknown case {c!r}; valid: ' + ', '.join(f'{n}:{d}' for n, d in CONFIGS))
     cases.append((net, int(depth)))
 
+  ceiling = gemm(a.torch_python, timeout=a.timeout) if a.gemm else None
   rows = []
   for net, depth in cases:
     j = ours(net, depth, a.dtype, a.steps, a.repeats, a.jax_python, a.jax_arg, a.timeout)
@@ -89,7 +126,8 @@ def main():
     cpu_ratio = (t['process_cpu_s_per_step'] / j['process_cpu_s_per_step']
                  if ratio is not None and j['process_cpu_s_per_step'] > 0 else None)
     row = dict(net=net, depth=depth, dtype=a.dtype, torch_mode=a.torch_mode,
-               torch_channels_last=a.torch_channels_last, ours=j, pytorch=t, ratio=ratio, cpu_time_ratio=cpu_ratio)
+               torch_channels_last=a.torch_channels_last, ours=j, pytorch=t, ratio=ratio, cpu_time_ratio=cpu_ratio,
+               cpu_flags=cpu_flags(), gemm=ceiling)
     rows.append(row)
     if a.out:
       with open(a.out, 'a') as f:
@@ -109,6 +147,15 @@ def main():
     for side, d in (('ours', j), ('pytorch', t)):
       if 'error' in d:
         print(f'  {side} failed: {d["error"]}')
+  if ceiling and 'error' not in ceiling:
+    print(f'dense float32 GEMM (n={ceiling["n"]}, {ceiling["threads"]} threads): {ceiling["gflops"]:.1f} GFLOP/s; '
+          f'CPU flags: {cpu_flags()}')
+    for r in rows:
+      j, t = r['ours'], r['pytorch']
+      share = lambda d: (f'{d["model_flops_per_sec"] / 1e9:.1f} GFLOP/s '
+                         f'({100 * d["model_flops_per_sec"] / 1e9 / ceiling["gflops"]:.0f}% of GEMM)'
+                         if 'error' not in d else 'error')
+      print(f'  {r["net"]} ResNet-{r["depth"]}: ours {share(j)}, PyTorch {share(t)}')
   print('(64k steps: our projected wall time of the paper\'s CIFAR recipe, 64,000 steps plus compilation, '
         'evaluation not counted)')
   print(f'(PyTorch: {a.torch_mode}, amp {a.torch_amp or TORCH_AMP[a.dtype]}, '

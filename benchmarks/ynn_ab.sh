@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # A/B of the CPU layout of the training step: JAX devices per process (--config.cpu_devices: 1, or 0 = one per
 # core, the default) x where XLA:CPU runs the convolutions (YNNPACK, XLA's default for convs with more than 16
-# channels, one thread per conv; or XLA's Eigen kernels with `--xla_cpu_experimental_ynn_fusion_type=`).
+# channels, one thread per conv; or XLA's Eigen kernels with `--xla_cpu_experimental_ynn_fusion_type=`) x whether
+# Eigen may use a thread pool per device (`--xla_cpu_multi_thread_eigen=false`: one thread per device).
 # Interleaved rounds, so that the shared machine's load hits every variant alike. Ours only, float32, batch 128,
 # the paper's BN groups of 64. Prints one line per run.
-#   JAX_PY=/path/to/python ROUNDS=3 DEPTHS="20 56" PIN="taskset -c 0,1" benchmarks/ynn_ab.sh
+#   JAX_PY=/path/to/python ROUNDS=3 DEPTHS="20 56" DEVICES="1 0" PIN="taskset -c 0,1" benchmarks/ynn_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 JAX_PY=${JAX_PY:-python}; ROUNDS=${ROUNDS:-3}; DEPTHS=${DEPTHS:-20 56}; PIN=${PIN:-}
 DEVICES=${DEVICES:-1 0}
 export JAX_PLATFORMS=cpu PYTHONPATH=$PWD
-variants=("" "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce" "--xla_cpu_experimental_ynn_fusion_type=")
+variants=("" "--xla_cpu_experimental_ynn_fusion_type=" "--xla_cpu_multi_thread_eigen=false"
+          "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_multi_thread_eigen=false")
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_tile' /proc/cpuinfo | sort -u | xargs)"
 for round in $(seq "$ROUNDS"); do
   for depth in $DEPTHS; do

@@ -2,10 +2,14 @@
 
   python -m experiments.report RUNS_DIR [--out RUNS_DIR/report.md]
 
-Reads RUNS_DIR/<experiment>/<net>/seed<k>/{config.json, metrics.jsonl, run_info.json}. Per experiment and net:
-our final error (mean +- std over the seeds that finished), the split it was measured on, the paper's number, the
-difference, steps run, wall time; runs cut short (fewer steps than they planned) are listed on their own rows,
-labelled, and never averaged with finished ones; shortened recipes are labelled as such. Writes fig6.png per
+Reads every run under RUNS_DIR: a directory with config.json and metrics.jsonl (and run_info.json when a sweep made
+it). RUNS_DIR may be one `python -m resnet_jax.main --workdir=DIR` workdir, a folder of such workdirs, or a sweep's
+RUNS_DIR/<experiment>/<net>/seed<k>/ layout. Runs are grouped by experiment (the first folder below RUNS_DIR in a
+sweep, else RUNS_DIR itself), then by net and seed as each run's config.json names them. Per experiment and net:
+our final error (mean +- std over the seeds that finished), the split and testing protocol it was measured with, the
+paper's number with its table and protocol, the difference, steps run, wall time; runs cut short (fewer steps than
+they planned) are listed on their own rows, labelled, and never averaged with finished ones; shortened recipes are
+labelled as such. Writes fig6.png per
 experiment (Fig. 6 style) and embeds it, and embeds fig7.png where `experiments.fig7` has written one.
 """
 import argparse
@@ -16,6 +20,8 @@ import os
 import statistics
 import sys
 
+import ml_collections
+
 from experiments import paper, plots, sweep
 from resnet_jax import metrics_io
 
@@ -23,6 +29,7 @@ from resnet_jax import metrics_io
 @dataclasses.dataclass
 class Run:
   experiment: str
+  experiment_dir: str       # where the experiment's fig6.png goes (and experiments.fig7 writes fig7.png)
   net: str
   seed: int
   workdir: str
@@ -33,6 +40,7 @@ class Run:
   error: float | None       # final held-out error (%), None when no evaluation was logged
   train_error: float | None  # training error (%) of the last logged window
   split: str                # 'test' or 'val'
+  protocol: str             # how `error` was measured: paper.SINGLE_VIEW, CENTRE_CROP or TEN_CROP
   wall_seconds: float | None
   note: str
   device: str
@@ -52,11 +60,9 @@ class Run:
     return 'full recipe'
 
 
-def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | None:
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    return None
-  with open(config_path) as f:
+def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
+  """The run in `workdir`; its net and seed come from its config.json."""
+  with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   rows = metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   info = sweep.read_run_info(workdir)
@@ -64,37 +70,59 @@ def load_run(experiment: str, net: str, seed_dir: str, workdir: str) -> Run | No
   last_eval = evals[-1] if evals else None
   split = 'test' if last_eval and 'test_error' in last_eval else 'val'
   trains = [r for r in rows if 'train_error' in r]
-  try:
-    seed = int(seed_dir.removeprefix('seed'))
-  except ValueError:
-    seed = config.get('seed', 0)
-  return Run(experiment=experiment, net=net, seed=seed, workdir=workdir, dataset=config['data']['dataset'],
+  steps_run = max((r['step'] for r in rows), default=0)
+  error = 100 * last_eval[f'{split}_error'] if last_eval else None
+  # The trainer evaluates ImageNet (streamed) runs on the centre crop and the in-memory sets on the single original
+  # view; `python -m resnet_jax.evaluate --protocol=10crop` at the final step gives the paper's ImageNet protocol.
+  protocol = paper.CENTRE_CROP if config['data'].get('streaming') else paper.SINGLE_VIEW
+  ten_crop = os.path.join(workdir, f'eval_10crop_step{steps_run}.json')
+  if os.path.exists(ten_crop):
+    with open(ten_crop) as f:
+      error, split, protocol = 100 * json.load(f)['top1_error'], 'val', paper.TEN_CROP
+  return Run(experiment=experiment, experiment_dir=experiment_dir,
+             net=paper.net_name(ml_collections.ConfigDict(config['model'])), seed=int(config['seed']),
+             workdir=workdir, dataset=config['data']['dataset'],
              family=config['model']['family'], planned_steps=int(config['num_steps']),
-             steps_run=max((r['step'] for r in rows), default=0),
-             error=100 * last_eval[f'{split}_error'] if last_eval else None,
-             train_error=100 * trains[-1]['train_error'] if trains else None, split=split,
+             steps_run=steps_run, error=error,
+             train_error=100 * trains[-1]['train_error'] if trains else None, split=split, protocol=protocol,
              wall_seconds=info.get('wall_seconds'), note=info.get('note', ''), device=info.get('device', ''),
              rows=rows)
 
 
+RUN_FILES = ('config.json', 'metrics.jsonl')
+
+
+def find_runs(runs_dir: str) -> list:
+  """Every directory under runs_dir (runs_dir itself included) that holds a run's config.json and metrics.jsonl."""
+  found = []
+  for root, dirs, files in os.walk(runs_dir):
+    if all(f in files for f in RUN_FILES):
+      found.append(root)
+      dirs[:] = []  # a run's own folders (checkpoints, ...) hold no further runs
+    else:
+      dirs.sort()
+  return sorted(found)
+
+
 def collect(runs_dir: str) -> dict:
-  """experiment -> net -> [Run, ...] for every run folder under runs_dir."""
+  """experiment -> net -> [Run, ...] for every run under runs_dir. A run two or more levels down (a sweep's
+  <experiment>/<net>/seed<k>) belongs to the experiment of its first folder; runs_dir itself, or a workdir
+  directly in it, to the experiment named after runs_dir."""
   if not os.path.isdir(runs_dir):
     raise FileNotFoundError(f'No runs folder {runs_dir!r}; run an experiment first, e.g. '
                             'python -m experiments.digits_degradation --runs_dir runs.')
   out = {}
-  for experiment in sorted(os.listdir(runs_dir)):
-    exp_dir = os.path.join(runs_dir, experiment)
-    if not os.path.isdir(exp_dir):
-      continue
-    for net in sorted(os.listdir(exp_dir)):
-      net_dir = os.path.join(exp_dir, net)
-      if not os.path.isdir(net_dir):
-        continue
-      for seed_dir in sorted(os.listdir(net_dir)):
-        run = load_run(experiment, net, seed_dir, os.path.join(net_dir, seed_dir))
-        if run is not None:
-          out.setdefault(experiment, {}).setdefault(net, []).append(run)
+  for workdir in find_runs(runs_dir):
+    parts = os.path.relpath(workdir, runs_dir).split(os.sep)
+    if len(parts) >= 2:
+      experiment, experiment_dir = parts[0], os.path.join(runs_dir, parts[0])
+    else:
+      experiment, experiment_dir = os.path.basename(os.path.abspath(runs_dir)), runs_dir
+    run = load_run(experiment, experiment_dir, workdir)
+    out.setdefault(experiment, {}).setdefault(run.net, []).append(run)
+  for nets in out.values():
+    for runs in nets.values():
+      runs.sort(key=lambda r: (r.seed, r.workdir))
   return out
 
 
@@ -116,13 +144,20 @@ def _row(net: str, runs: list, status: str) -> str:
   errors = [r.error for r in runs if r.error is not None]
   trains = [r.train_error for r in runs if r.train_error is not None]
   first = runs[0]
-  ours = _mean_std(errors) if errors else 'no evaluation yet'
-  ref = paper.paper_error(first.dataset, first.family, net)
+  protocols = sorted({r.protocol for r in runs})
+  ours = f'{_mean_std(errors)} ({", ".join(protocols)})' if errors else 'no evaluation yet'
+  ref = paper.paper_reference(first.dataset, first.family, net)
   if ref is not None:
-    ref_s = f'{ref:.2f}'
-    diff = f'{statistics.mean(errors) - ref:+.2f}' if errors and status.startswith('finished') else '—'
-    if diff != '—' and first.split != 'test':
-      diff += ' (val vs test)'
+    value, table, protocol = ref
+    ref_s = f'{value:.2f} ({table}, {protocol})'
+    diff = f'{statistics.mean(errors) - value:+.2f}' if errors and status.startswith('finished') else '—'
+    caveats = []
+    if diff != '—' and protocols != [protocol]:
+      caveats.append(f'{", ".join(protocols)} vs {protocol}')
+    if diff != '—' and first.split != 'test' and first.family != 'imagenet':  # ImageNet's numbers are on val
+      caveats.append('val vs test')
+    if caveats:
+      diff += f' ({"; ".join(caveats)})'
   else:
     ref_s, diff = '—', '—'
   steps = sorted({r.steps_run for r in runs})
@@ -145,9 +180,17 @@ def _reference_notes(nets, runs) -> list:
     if any(n.startswith('plain') for n in nets):
       lines.append(f'- plain nets: {paper.FIG6_PLAIN_NOTE}.')
   if 'imagenet' in families and datasets != {'imagenet2012'}:
-    ref = ', '.join(f'{n} {e:.2f}' for n, e in paper.TABLE3_TOP1_ERROR.items() if n in nets)
-    lines.append(f'- Not ImageNet ({", ".join(sorted(datasets))}): not comparable with the paper. For reference '
-                 f'only, Table 3 top-1 errors on ImageNet (10-crop): {ref}.')
+    refs = []
+    for table, numbers in (('Table 2', paper.TABLE2_TOP1_ERROR), ('Table 3', paper.TABLE3_TOP1_ERROR)):
+      listed = ', '.join(f'{n} {e:.2f}' for n, e in numbers.items() if n in nets)
+      if listed:
+        refs.append(f'{table} top-1 errors on ImageNet ({paper.TEN_CROP}): {listed}')
+    lines.append(f'- Not ImageNet ({", ".join(sorted(datasets))}): not comparable with the paper.'
+                 + (f' For reference only, {"; ".join(refs)}.' if refs else ''))
+  if 'imagenet' in families and any(r.protocol != paper.TEN_CROP for r in runs):
+    lines.append(f'- Our ImageNet errors are {paper.CENTRE_CROP} (the training run\'s evaluation) unless labelled '
+                 f'{paper.TEN_CROP}; `python -m resnet_jax.evaluate --protocol=10crop` at the final step gives the '
+                 'paper\'s protocol, which the report then uses.')
   return lines
 
 
@@ -156,15 +199,17 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
   out_dir = os.path.dirname(os.path.abspath(out_path))
   lines = [f'# Results under `{runs_dir}`', '',
            f'Generated {datetime.date.today().isoformat()} by `python -m experiments.report {runs_dir}`. '
-           'Errors in %, at the last step each run logged (never the best checkpoint). "train" is the training '
+           'Errors in %, at the last step each run logged (never the best checkpoint), each labelled with its testing '
+           'protocol (single view, centre crop or 10-crop). "train" is the training '
            'error of the last logged window (augmented batches). "held-out" is the test split where the data has '
            'one, else the validation hold-out (then compared with the paper\'s test error only as a rough guide). '
            'Seeds that did not finish are listed on their own rows and never averaged with finished ones.', '']
   if not experiments:
-    lines.append('No runs found.')
+    lines.append('No runs found: a run is a directory with config.json and metrics.jsonl, as '
+                 '`python -m resnet_jax.main --workdir=DIR` and the experiment sweeps write.')
   for experiment, nets in experiments.items():
-    exp_dir = os.path.join(runs_dir, experiment)
     all_runs = [r for rs in nets.values() for r in rs]
+    exp_dir = all_runs[0].experiment_dir
     devices = sorted({r.device for r in all_runs if r.device})
     lines += [f'## {experiment}', '',
               f'Dataset: {", ".join(sorted({r.dataset for r in all_runs}))}; recipe: '
@@ -185,7 +230,7 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
     lines.append('')
     lines += _reference_notes(sorted(nets, key=plots_order), all_runs)
     if plot:
-      curves = {net: rs[0].rows for net, rs in nets.items() if rs[0].rows}
+      curves = {net: [r.rows for r in rs if r.rows] for net, rs in nets.items()}  # every seed
       fig6 = os.path.join(exp_dir, 'fig6.png')
       if plots.plot_fig6(curves, fig6, experiment):
         lines += ['', f'![Fig. 6 style curves of {experiment}]({os.path.relpath(fig6, out_dir)})']

@@ -8,8 +8,10 @@
 
 Each net is a configs/imagenet_*.py (the paper's Sec. 3.4 recipe) with the shortcut option overridden where
 Table 3 varies it; every run goes through resnet_jax.trainer.train_and_evaluate, so it resumes where it stopped.
-The paper's Table 3 errors are 10-crop; ours are whatever view the ImageNet pipeline evaluates (the report says
-which split). The subset runs compare nothing with the paper: they show the five nets train, at toy scale.
+The paper's Table 3 errors are 10-crop. A training run evaluates the centre crop, and the report labels that number
+'centre crop' beside the paper's '10-crop'; for the paper's protocol, evaluate the finished run's workdir with
+`python -m resnet_jax.evaluate --config=... --workdir=RUN --protocol=10crop`, and the report uses that error instead
+(labelled '10-crop'). The subset runs compare nothing with the paper: they show the five nets train, at toy scale.
 """
 import argparse
 import importlib.util
@@ -55,7 +57,7 @@ def make_specs(nets, seeds, steps: int = 0, overrides: dict | None = None, subse
     raise ValueError(f'Unknown Table 3 net(s) {", ".join(unknown)}; valid: {", ".join(NETS)}.')
   base = subset_overrides(subset_dir, image_size) if subset_dir else {}
   note = (f'image-folder subset {subset_dir} at {image_size}x{image_size}, NOT ImageNet' if subset_dir
-          else 'ImageNet (the paper evaluates 10 crops)')
+          else 'ImageNet; the paper tests 10 crops, a training run the centre crop')
   specs = []
   for net in nets:
     file, net_overrides = NETS[net]

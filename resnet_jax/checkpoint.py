@@ -9,8 +9,9 @@ restores silently with wrong values). Each save therefore records the SHA-256 of
 metadata, and a restore recomputes it. Resuming takes the newest checkpoint that restores and matches its digest;
 newer damaged ones are reported and moved to WORKDIR/checkpoints_damaged/ (kept for inspection, never deleted).
 
-Config: WORKDIR/config.json records the run's config; resuming with a config that changes the model or the data is
-refused, naming the fields, unless forced.
+Config: WORKDIR/config.json records the run's config; resuming with a config that changes the model, the data or the
+recipe is refused, naming the fields, unless forced. Where the data is read from is not part of that: a dataset moved
+to another directory resumes.
 """
 import hashlib
 import json
@@ -24,8 +25,12 @@ from ml_collections import ConfigDict
 
 from resnet_jax import distributed, train
 
-# Fields that change the model or the data: a checkpoint is only resumed under the same values.
-RESUME_CHECKED = ('model', 'data', 'batch_size', 'seed', 'bn_group_size')
+# Fields (and sections) that change the model, the data or the recipe: a checkpoint is only resumed under the same
+# values, unless forced.
+RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', 'lr_boundaries', 'lr_decay_factor',
+                  'momentum', 'momentum_form', 'weight_decay', 'weight_decay_on', 'warmup', 'bn_group_size', 'seed')
+# Where the data is read from, not what it is: moving the dataset (or its tf.data cache) does not block a resume.
+RESUME_IGNORED = ('data.data_dir', 'data.cache')
 DIGEST_KEY = 'state_sha256'
 
 
@@ -242,13 +247,20 @@ def config_to_dict(config: ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _resume_fields(config: dict) -> dict:
+  return {k: v for k, v in _flatten(config).items() if k.split('.')[0] in RESUME_CHECKED and k not in RESUME_IGNORED}
+
+
 def check_resume_config(saved: dict, config: ConfigDict) -> None:
-  """Raises ConfigMismatchError naming every model/data field that differs from the checkpointed run's."""
-  old = {k: v for k, v in _flatten(saved).items() if k.split('.')[0] in RESUME_CHECKED}
-  new = {k: v for k, v in _flatten(config_to_dict(config)).items() if k.split('.')[0] in RESUME_CHECKED}
-  diffs = [f'  {k}: checkpoint has {old.get(k, "<absent>")!r}, this run has {new.get(k, "<absent>")!r}'
-           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  """Raises ConfigMismatchError naming every model, data or recipe field (RESUME_CHECKED) that differs from the
+  checkpointed run's, with both values."""
+  old, new = _resume_fields(saved), _resume_fields(config_to_dict(config))
+  show = lambda d, k: repr(d[k]) if k in d else '<absent>'
+  diffs = [f'  {k}: checkpoint has {show(old, k)}, this run has {show(new, k)}'
+           for k in sorted(set(old) | set(new)) if old.get(k, KeyError) != new.get(k, KeyError)]
   if diffs:
     raise ConfigMismatchError(
-        'The workdir holds a checkpoint of a run whose model or data differ from this config:\n' + '\n'.join(diffs)
-        + '\nUse another --workdir, restore those values, or pass --force_resume to resume anyway.')
+        'The workdir holds a checkpoint of a run whose model, data or recipe differ from this config:\n'
+        + '\n'.join(diffs)
+        + '\nUse another --workdir, restore those values, or pass --force_resume to resume anyway (the earlier '
+        'config.json is kept as config.json.1, .2, ...).')

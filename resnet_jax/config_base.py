@@ -18,6 +18,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'         # compute dtype: 'float32' | 'bfloat16' | 'float16'; parameters stay float32
   c.model.num_classes = 10
   c.model.zero_init_last_bn = False  # not in the paper
+  # The fc layer's weights: 'he' (Sec. 3.4: "We initialize the weights as in [13]", zero-mean Gaussian with std
+  # sqrt(2 / fan_in), as for the convs) or 'flax' (Flax's Dense default, LeCun normal: std sqrt(1 / fan_in)).
+  c.model.head_init = 'he'          # 'he' | 'flax'
   c.model.bn_momentum = 0.9         # moving-average decay for evaluation statistics (PyTorch's 0.1)
   c.model.bn_epsilon = 1e-5
   c.model.scan_blocks = False       # compile-time option: scan over a stage's identical blocks (stacked params)
@@ -40,6 +43,11 @@ def base() -> ml_collections.ConfigDict:
   c.lr_boundaries = (32_000, 48_000)  # "divide it by 10 at 32k and 48k iterations"
   c.lr_decay_factor = 0.1
   c.momentum = 0.9
+  # How momentum meets the learning rate. 'caffe' (the authors' framework): v = m v - lr g; w += v, so a velocity
+  # carries the lr of the steps that made it. 'pytorch' (torch.optim.SGD, which most PyTorch reproductions use):
+  # v = m v + g; w -= lr v, so a new lr also rescales the velocity. The same while the lr is constant; they differ
+  # after each lr change (the ResNet-110 warm-up exit, each drop). Weight decay is L2 added to g in both.
+  c.momentum_form = 'caffe'         # 'caffe' | 'pytorch'
   c.weight_decay = 1e-4
   # Which parameters decay. The paper states weight decay 1e-4 with no exception (Caffe, which the authors used,
   # decays every parameter unless a layer opts out), so 'all' is the default: conv and fc weights, fc bias, and BN
@@ -78,6 +86,11 @@ def base() -> ml_collections.ConfigDict:
   # One 'data' axis over all devices by default; e.g. axes=('replica', 'data'), shape=(2, -1) on two slices/hosts
   # lets the compiler all-reduce within each group first. -1 takes the remaining devices. BN groups
   # (bn_group_size) mean the same thing on any mesh.
+  # Precision of float32 matmuls and convolutions (jax.default_matmul_precision around the whole run). The paper
+  # trained in float32; on recent NVIDIA GPUs XLA's 'default' runs them as TF32 (10-bit mantissa inputs). 'highest'
+  # keeps full float32 (on a CPU it is what float32 does anyway); 'high' and 'default' trade precision for speed.
+  c.matmul_precision = 'highest'    # 'highest' | 'high' | 'default'
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ('data',)
   c.mesh.shape = (-1,)

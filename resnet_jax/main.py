@@ -6,6 +6,7 @@ Resumes from WORKDIR/checkpoints when a checkpoint is there. The logic lives in 
 Exit status: 0 when done or stopped by SIGTERM (checkpoint written), 130 when stopped by SIGINT (checkpoint written),
 1 with one `error: ...` line for a mistake in the flags, the config, the data or the workdir.
 """
+import difflib
 import glob
 import os
 import runpy
@@ -21,8 +22,9 @@ from resnet_jax import distributed, trainer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and plots.')
-_FORCE = flags.DEFINE_bool('force_resume', False, 'Resume even if the model or data fields of the config differ '
-                           'from those of the checkpointed run.')
+_FORCE = flags.DEFINE_bool('force_resume', False, 'Resume even if the model, data or recipe fields of the config '
+                           'differ from those of the checkpointed run (the earlier config.json is kept as '
+                           'config.json.1, .2, ...).')
 # Multi-host runs (docs/multihost.md): the same command on every host; jax.distributed starts only when needed.
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES, 'auto: start jax.distributed when the '
                                  'flags below or the environment (TPU VM, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) '
@@ -48,19 +50,26 @@ def _config_arg(argv) -> str:
 
 
 def _unknown_field_message(argv, error) -> str:
-  """--config.FIELD=... where FIELD is not in the config: ml_collections raises a bare AttributeError/KeyError."""
-  bad = next((a for a in argv if a.startswith('--config.') and str(error).strip('"\'') in a), None)
-  name = (bad or '').split('=')[0][len('--config.'):] or str(error).strip('"\'')
-  parent, _, leaf = name.rpartition('.')
-  try:  # the flag holds no config after a failed parse: read the file again to list the fields
-    node = runpy.run_path(_config_arg(argv))['get_config']()
-    for part in parent.split('.') if parent else []:
-      node = node[part]
-    fields = ', '.join(sorted(node.keys()))
-  except Exception:  # a config file that cannot be read twice: name the field only
-    fields = 'see the config file'
-  return (f'error: {bad or name}: the config has no field {leaf!r}'
-          + (f' under config.{parent}' if parent else '') + f'. Valid fields: {fields}.')
+  """One line for --config.FIELD=... where FIELD is not in the config (ml_collections raises a bare AttributeError
+  or KeyError): the flag, the field and its section, the closest field of that section, and the section's fields."""
+  try:  # the flag holds no config after a failed parse: read the file again to find the field
+    config = runpy.run_path(_config_arg(argv))['get_config']()
+  except Exception:  # a config file that cannot be read twice: name what ml_collections said
+    return f'error: the config has no field {str(error).splitlines()[0]}.'
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node, section = config, 'config'
+    for field in arg.split('=', 1)[0][len('--config.'):].split('.'):
+      if not hasattr(node, 'keys'):
+        return f'error: {arg}: {section} is a value, not a section with fields.'
+      if field not in node:
+        fields = sorted(node.keys())
+        close = difflib.get_close_matches(field, fields, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else '.'
+        return f"error: {arg}: {section} has no field '{field}'{hint} Fields of {section}: {', '.join(fields)}."
+      node, section = node[field], f'{section}.{field}'
+  return f'error: the config has no field {str(error).splitlines()[0]}.'
 
 
 def _config_file_message(path: str) -> str:

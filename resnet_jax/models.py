@@ -44,6 +44,8 @@ IMAGENET_FILTERS = (64, 128, 256, 512)  # Table 1; bottleneck outputs are 4x the
 
 # He et al. 2015 ("MSRA") initialisation, as the paper (Sec. 3.4): zero-mean Gaussian, std sqrt(2 / fan_in).
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+# The fc layer's weight initialisers (config.model.head_init): the paper's He init, or Flax's Dense default.
+HEAD_INITS = {'he': he_normal, 'flax': nn.linear.default_kernel_init}
 
 
 def _conv(conv: ModuleDef, filters: int, kernel: int, strides: int = 1, name: str | None = None):
@@ -151,6 +153,7 @@ class ResNet(nn.Module):
     bn_group_size: examples per BatchNorm group in training (0 = the whole batch).
     bn_momentum, bn_epsilon: BatchNorm moving-average decay and epsilon.
     zero_init_last_bn: initialise the last BN scale of each block to zero (not in the paper; off by default).
+    head_init: the fc layer's weight initialiser, a key of HEAD_INITS ('he' as the paper, or 'flax').
     dtype: compute dtype; parameters and BN statistics stay float32.
     scan_blocks: run the identical blocks of a stage (all but its first) as one `nn.scan`, so the compiler sees
       one block per stage instead of n (compile time of the deep CIFAR nets). The arithmetic is the same (the
@@ -170,6 +173,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
+  head_init: str = 'he'
   dtype: Any = jnp.float32
   scan_blocks: bool = False
 
@@ -204,7 +208,8 @@ class ResNet(nn.Module):
         x = scanned_blocks(block, conv, blocks - unrolled, f'stage{s + 1}_blocks{unrolled + 1}to{blocks}')(x)
 
     x = jnp.mean(x, axis=(1, 2))  # global average pooling
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=HEAD_INITS[self.head_init],
+                 name='head')(x)
     return x.astype(jnp.float32)
 
 
@@ -213,7 +218,8 @@ def _choices_error(what: str, value, valid) -> ValueError:
 
 
 def validate_model_config(model_config) -> None:
-  """Raises ValueError with the valid choices for an unknown family, depth, shortcut, bottleneck or dtype."""
+  """Raises ValueError with the valid choices for an unknown family, depth, shortcut, bottleneck, dtype or fc
+  initialiser."""
   family, depth = model_config.family, model_config.depth
   if family not in FAMILIES:
     raise _choices_error('model family', family, FAMILIES)
@@ -229,6 +235,8 @@ def validate_model_config(model_config) -> None:
     raise _choices_error('bottleneck stride placement', model_config.bottleneck, BOTTLENECK_PLACEMENTS)
   if model_config.dtype not in DTYPES:
     raise _choices_error('dtype', model_config.dtype, DTYPES)
+  if model_config.head_init not in HEAD_INITS:
+    raise _choices_error('head_init', model_config.head_init, HEAD_INITS)
 
 
 def create_model(model_config, bn_group_size: int = 0, dtype: str | None = None) -> ResNet:
@@ -247,5 +255,5 @@ def create_model(model_config, bn_group_size: int = 0, dtype: str | None = None)
       stem=stem, residual=model_config.residual, shortcut=model_config.shortcut,
       stride_on_3x3=model_config.bottleneck == 'v1.5', bn_group_size=bn_group_size,
       bn_momentum=model_config.bn_momentum, bn_epsilon=model_config.bn_epsilon,
-      zero_init_last_bn=model_config.zero_init_last_bn,
+      zero_init_last_bn=model_config.zero_init_last_bn, head_init=model_config.head_init,
       dtype=DTYPES[dtype or model_config.dtype], scan_blocks=model_config.scan_blocks)

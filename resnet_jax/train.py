@@ -48,6 +48,12 @@ def validate(config, num_devices: int) -> None:
   if config.nonfinite_loss not in NONFINITE_POLICIES:
     raise ValueError(f'Unknown config.nonfinite_loss {config.nonfinite_loss!r}; valid choices: '
                      f'{", ".join(NONFINITE_POLICIES)}.')
+  if config.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f'Unknown config.matmul_precision {config.matmul_precision!r}; valid choices: '
+                     f'{", ".join(MATMUL_PRECISIONS)}.')
+  if config.momentum_form not in MOMENTUM_FORMS:
+    raise ValueError(f'Unknown config.momentum_form {config.momentum_form!r}; valid choices: '
+                     f'{", ".join(MOMENTUM_FORMS)}.')
   if b % num_devices:
     raise ValueError(f'config.batch_size={b} is not divisible by the {num_devices} devices; use a multiple of '
                      f'{num_devices} (e.g. {num_devices * max(1, round(b / num_devices))}).')
@@ -83,12 +89,30 @@ def weight_decay_mask(params, which: str):
   raise ValueError(f"Unknown config.weight_decay_on {which!r}; valid choices: all, kernels.")
 
 
-def make_optimizer(config, params) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay (PyTorch's form: v = m v + g + wd w; w -= lr v). The learning rate is
-  applied in the step, since the ResNet-110 warm-up makes it depend on the training error."""
+MOMENTUM_FORMS = ('caffe', 'pytorch')
+MATMUL_PRECISIONS = ('highest', 'high', 'default')  # jax.default_matmul_precision values (config.matmul_precision)
+
+
+def make_optimizer(config, params, lr=1.0) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient (g' = g + wd w), in config.momentum_form:
+
+    'caffe' (the paper's):  v = m v + lr g';  w -= v   (Caffe's v = m v - lr g'; w += v, with v's sign flipped)
+    'pytorch':              v = m v + g';     w -= lr v
+
+  The update it returns is v; `step_size` says what to multiply it by before subtracting it from w. The learning
+  rate is an argument, not a schedule inside the optimiser, because the ResNet-110 warm-up makes it depend on the
+  training error (the step computes it). In the Caffe form it scales the gradient before it enters the velocity.
+  Both forms have the same state (the velocity), so the state's layout does not depend on the form."""
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_on)),
+      optax.chain(
+          optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_on)),
+          optax.scale(lr if config.momentum_form == 'caffe' else 1.0)),
       optax.trace(decay=config.momentum, nesterov=False))
+
+
+def step_size(config, lr):
+  """What the velocity is multiplied by in w -= step_size * v: 1 in the Caffe form (lr is inside v), else lr."""
+  return 1.0 if config.momentum_form == 'caffe' else lr
 
 
 def learning_rate(config, step, warmup_done):
@@ -177,9 +201,10 @@ def sgd_update(config, model, state: TrainState, x, y):
   loss_scale = state.loss_scale
   if loss_scale is not None:
     grads, finite, loss_scale = update_loss_scale(config, loss_scale, grads)
-  updates, opt_state = make_optimizer(config, state.params).update(grads, state.opt_state, state.params)
   lr = learning_rate(config, state.step, state.warmup_done)
-  params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+  updates, opt_state = make_optimizer(config, state.params, lr).update(grads, state.opt_state, state.params)
+  size = step_size(config, lr)
+  params = jax.tree_util.tree_map(lambda p, u: p - size * u, state.params, updates)
   if loss_scale is not None:  # an overflowing step changes nothing but the scale
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state, batch_stats = keep((params, opt_state, batch_stats),

@@ -78,8 +78,22 @@ def _check_resume_config(config_path: str, config, force_resume: bool) -> None:
 
 
 def _write_config(config_path: str, config) -> None:
+  """Records the run's config. An earlier config.json that differs (a forced resume, or a moved dataset) is
+  kept as config.json.1, then .2, ..."""
+  new = checkpoint.config_to_dict(config)
+  if os.path.exists(config_path):
+    try:
+      with open(config_path) as f:
+        same = json.load(f) == new
+    except ValueError:  # unreadable (a forced resume does not read it): keep it too
+      same = False
+    if not same:
+      n = 1
+      while os.path.exists(f'{config_path}.{n}'):
+        n += 1
+      os.replace(config_path, f'{config_path}.{n}')
   with open(config_path + '.tmp', 'w') as f:
-    json.dump(checkpoint.config_to_dict(config), f, indent=2)
+    json.dump(new, f, indent=2)
   os.replace(config_path + '.tmp', config_path)
 
 
@@ -118,7 +132,15 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   One run for every dataset: the input (input_pipeline.py) is the only part that differs between the in-memory
   datasets and the streamed ones. Every check of the config, the data and the workdir runs before anything is
   written: a mistake leaves the workdir as it was. A run killed at any point and started again with the same
-  command ends as if never interrupted (for the streamed input, see `resumes_exactly` there)."""
+  command ends as if never interrupted (for the streamed input, see `resumes_exactly` there). Every step and
+  evaluation is traced under config.matmul_precision."""
+  if config.matmul_precision not in train.MATMUL_PRECISIONS:  # before jax's own, longer message
+    train.validate(config, 1)
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train_and_evaluate(config, workdir, force_resume, devices)
+
+
+def _train_and_evaluate(config, workdir: str, force_resume: bool, devices) -> dict:
   cpu_devices.configure(config)  # before anything starts JAX's backends
   mesh = train.make_mesh(devices, config.mesh)
   train.validate(config, mesh.devices.size)

@@ -68,7 +68,7 @@ def main():
     sd = {k: v.cpu().numpy() for k, v in net.state_dict().items()}
     config = ModelConfig(family='imagenet', depth=depth, residual=True, shortcut='B', bottleneck='v1.5',
                          dtype='float32', num_classes=1000, bn_momentum=0.9, bn_epsilon=1e-5,
-                         zero_init_last_bn=False)
+                         zero_init_last_bn=False, head_init='he')
     params, batch_stats = torchvision_weights.convert(sd, config)
     x = np.random.default_rng(depth).normal(size=(4, 224, 224, 3)).astype(np.float32)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import augment, benchmark, data, models, summary, train
+from resnet_jax import benchmark, models, summary, train
 from helpers import tiny_config, training_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -169,11 +169,14 @@ def test_fig7_layers_of_a_scanned_net_come_in_the_same_order_as_unrolled():
 # ---------------------------------------------------------------------------------------------------------------
 # The report, from fake runs.
 
-def _fake_run(workdir, num_steps, rows, dataset='cifar10', depth=20, residual=True, wall=3661.0, note=''):
+def _fake_run(workdir, num_steps, rows, dataset='cifar10', depth=20, residual=True, wall=3661.0, note='',
+              family='cifar'):
   os.makedirs(workdir)
-  c = config_base.cifar(depth, residual)
+  c = config_base.cifar(depth, residual) if family == 'cifar' else config_base.imagenet(depth, residual)
   c.num_steps = num_steps
   c.data.dataset = dataset
+  name = os.path.basename(workdir)
+  c.seed = int(name.removeprefix('seed')) if name.startswith('seed') else 0  # as a sweep sets it
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(c.to_json())
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
@@ -202,14 +205,15 @@ def test_report_puts_ours_next_to_the_paper_and_labels_cut_runs(tmp_path):
   lines = text.splitlines()
   row = next(l for l in lines if l.startswith('| resnet-20 | 0,1 |'))
   # mean 8.75 +- std 0.35 (sample std of 9.0 and 8.5); the paper's 8.75; difference +0.00; 1h01m per run
-  assert '| 8.75 ± 0.35 |' in row and '| 8.75 | +0.00 |' in row and '64000 of 64000' in row and '1h01m' in row
+  assert '| 8.75 ± 0.35 (single view) |' in row and '| 8.75 (Table 6, single view) | +0.00 |' in row
+  assert '64000 of 64000' in row and '1h01m' in row
   assert 'finished' in row
   # The cut run is on its own row, labelled, and not averaged with the finished seed.
   cut = next(l for l in lines if l.startswith('| resnet-56 | 0 |'))
-  assert 'CUT SHORT: seed 0 stopped at step 30000 of 64000' in cut and '| 20.00 |' in cut
-  assert '| 6.97 | — |' in cut  # no difference from the paper for a run that did not finish
+  assert 'CUT SHORT: seed 0 stopped at step 30000 of 64000' in cut and '| 20.00 (single view) |' in cut
+  assert '| 6.97 (Table 6, single view) | — |' in cut  # no difference from the paper for a run that did not finish
   done = next(l for l in lines if l.startswith('| resnet-56 | 1 |'))
-  assert '| 7.00 |' in done and '| 6.97 | +0.03 |' in done
+  assert '| 7.00 (single view) |' in done and '| 6.97 (Table 6, single view) | +0.03 |' in done
   # No paper number for plain nets; a validation error is labelled as such.
   plain = next(l for l in lines if l.startswith('| plain-20 |'))
   assert '| val | — | — |' in plain and '0m59s' in plain
@@ -218,6 +222,53 @@ def test_report_puts_ours_next_to_the_paper_and_labels_cut_runs(tmp_path):
   assert 'hardware: 1 x H100 (gpu)' in text
   assert '![Fig. 6 style curves of table6](table6/fig6.png)' in text
   assert (t6 / 'fig6.png').stat().st_size > 1000
+
+
+def test_paper_table2_and_table3_numbers():
+  # Table 2 (top-1, 10-crop, option A for the residual nets) and the rows Table 3 shares with it.
+  assert paper.TABLE2_TOP1_ERROR == {'plain-18': 27.94, 'plain-34': 28.54, 'resnet-18-A': 27.88, 'resnet-34-A': 25.03}
+  for net in ('plain-34', 'resnet-34-A'):
+    assert paper.TABLE2_TOP1_ERROR[net] == paper.TABLE3_TOP1_ERROR[net]
+  assert paper.paper_reference('imagenet2012', 'imagenet', 'plain-18') == (27.94, 'Table 2', '10-crop')
+  assert paper.paper_reference('imagenet2012', 'imagenet', 'resnet-34-B') == (24.52, 'Table 3', '10-crop')
+  assert paper.paper_reference('cifar10', 'cifar', 'resnet-56') == (6.97, 'Table 6', 'single view')
+  assert paper.net_name(config_base.imagenet(18).model) == 'resnet-18-A'
+
+
+def test_report_labels_imagenet_centre_crop_against_the_papers_10_crop(tmp_path):
+  t2 = tmp_path / 'table2'
+  rows = [{'step': 100, 'train_error': 0.5, 'val_error': 0.3, 'val_top5_error': 0.1}]
+  for net, residual in (('plain-18', False), ('resnet-18-A', True)):
+    _fake_run(str(t2 / net / 'seed0'), 100, rows, dataset='imagenet2012', depth=18, residual=residual,
+              family='imagenet')
+  # A 10-crop evaluation of ResNet-18's final step (resnet_jax.evaluate's output) replaces its centre-crop number.
+  with open(t2 / 'resnet-18-A' / 'seed0' / 'eval_10crop_step100.json', 'w') as f:
+    json.dump({'top1_error': 0.28, 'top5_error': 0.09, 'protocol': '10crop', 'step': 100}, f)
+  text = report.render(str(tmp_path), str(tmp_path / 'report.md'), plot=False)
+  plain = next(l for l in text.splitlines() if l.startswith('| plain-18 |'))
+  assert '| 30.00 (centre crop) |' in plain and '| 27.94 (Table 2, 10-crop) |' in plain
+  assert '+2.06 (centre crop vs 10-crop)' in plain
+  resnet = next(l for l in text.splitlines() if l.startswith('| resnet-18-A |'))
+  assert '| 28.00 (10-crop) |' in resnet and '| 27.88 (Table 2, 10-crop) | +0.12 |' in resnet
+
+
+def test_report_reads_plain_main_workdirs_and_a_single_workdir(tmp_path):
+  from resnet_jax import trainer
+  runs = tmp_path / 'runs'
+  trainer.train_and_evaluate(tiny_config(seed=3), str(runs / 'tiny'))  # a real workdir: checkpoints/ and all
+  # A CIFAR-10 ResNet-20 workdir as `python -m resnet_jax.main --workdir=runs/c20` writes it (no run_info.json).
+  _fake_run(str(runs / 'c20'), 64_000, [{'step': 64_000, 'train_error': 0.01, 'test_error': 0.09}])
+  os.remove(runs / 'c20' / sweep.RUN_INFO)
+  text = report.render(str(runs), str(tmp_path / 'report.md'), plot=False)
+  assert 'No runs found' not in text and '## runs' in text
+  lines = text.splitlines()
+  c20 = next(l for l in lines if l.startswith('| resnet-20 | 0 |'))
+  assert '| 9.00 (single view) |' in c20 and '| 8.75 (Table 6, single view) | +0.25 |' in c20
+  tiny = next(l for l in lines if l.startswith('| resnet-8 | 3 |'))  # net and seed from its config.json
+  assert '6 of 6' in tiny and 'finished' in tiny
+  # The workdir itself as RUNS_DIR.
+  alone = report.render(str(runs / 'c20'), str(tmp_path / 'alone.md'), plot=False)
+  assert '## c20' in alone and '| 8.75 (Table 6, single view) | +0.25 |' in alone and 'resnet-8' not in alone
 
 
 def test_report_without_runs_says_how_to_make_them(tmp_path):
@@ -243,3 +294,26 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert outputs.count('7 layers, std mean') == 2  # the first layer and 2 per block of ResNet-8
   assert (tmp_path / 'runs' / 'digits_degradation' / 'fig7.png').exists()
   assert (tmp_path / 'runs' / 'report.md').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fig. 6 plots: every seed and their mean.
+
+def test_fig6_draws_every_seed_thin_and_their_mean_bold(tmp_path):
+  from experiments import plots
+  seed0 = [{'step': 100, 'train_error': 0.5, 'test_error': 0.4}, {'step': 200, 'train_error': 0.3, 'test_error': 0.2}]
+  seed1 = [{'step': 100, 'train_error': 0.7, 'test_error': 0.6}, {'step': 200, 'train_error': 0.1, 'test_error': 0.1}]
+  fig = plots.draw_fig6({'resnet-20': [seed0, seed1], 'plain-20': seed0})
+  plain_ax, resnet_ax = fig.axes[:2]
+  assert len(plain_ax.lines) == 2  # one seed: training and test, nothing averaged
+  lines = resnet_ax.lines
+  assert len(lines) == 6  # per seed: training and test (thin); the mean of each (bold)
+  thin = [l for l in lines if l.get_linewidth() < 1]
+  bold = [l for l in lines if l.get_linewidth() >= 1]
+  assert len(thin) == 4 and len(bold) == 2
+  mean_test = next(l for l in bold if l.get_linestyle() == '-')
+  np.testing.assert_allclose(mean_test.get_ydata(), [50.0, 15.0])  # (40 + 60) / 2, (20 + 10) / 2
+  assert 'mean of 2 seeds' in mean_test.get_label()
+  assert sorted(tuple(l.get_ydata()) for l in thin if l.get_linestyle() == '-') == [(40.0, 20.0), (60.0, 10.0)]
+  assert plots.plot_fig6({'resnet-20': [seed0, seed1]}, str(tmp_path / 'f.png'))
+  assert not plots.plot_fig6({'resnet-20': [[], []]}, str(tmp_path / 'g.png'))

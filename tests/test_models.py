@@ -280,9 +280,27 @@ def test_no_bias_in_convs_and_he_initialisation():
     assert abs(float(jnp.std(k)) - np.sqrt(2 / fan_in)) < tol + 0.02 * np.sqrt(2 / fan_in), k.shape
 
 
+def _head_kernel(head_init, num_classes=1000):
+  c = cifar_model_config(8)
+  c.num_classes = num_classes  # 64 x 1000 weights: a std estimated to about 0.3%
+  if head_init is not None:
+    c.head_init = head_init
+  return _init(models.create_model(c), jnp.ones((1, 8, 8, 3)))['params']['head']['kernel']
+
+
+def test_fc_layer_is_he_initialised_by_default_and_flax_is_the_named_alternative():
+  """Sec. 3.4 initialises the weights as in [13]: std sqrt(2 / fan_in) for the fc layer too (fan_in 64 here)."""
+  he, flax_default = _head_kernel(None), _head_kernel('flax')
+  assert he.shape == (64, 1000)
+  assert abs(float(jnp.mean(he))) < 0.005
+  assert abs(float(jnp.std(he)) / np.sqrt(2 / 64) - 1) < 0.02
+  assert abs(float(jnp.std(flax_default)) / np.sqrt(1 / 64) - 1) < 0.02  # LeCun normal
+  assert config_base.base().model.head_init == 'he'
+
+
 @pytest.mark.parametrize('field,value,expected', [
     ('depth', 21, '6n+2'), ('shortcut', 'D', 'A, B, C'), ('family', 'vit', 'cifar, imagenet'),
-    ('bottleneck', 'v2', 'v1, v1.5'), ('dtype', 'float64', 'float32')])
+    ('bottleneck', 'v2', 'v1, v1.5'), ('dtype', 'float64', 'float32'), ('head_init', 'xavier', 'he, flax')])
 def test_bad_model_config_lists_valid_choices(field, value, expected):
   c = cifar_model_config(20)
   c[field] = value

@@ -5,6 +5,7 @@ bad input gets one clear message and leaves the workdir as it was. docs/reliabil
 The subprocess runs use the tiny digits run below on 2 CPU devices and share one uninterrupted reference run and one
 JAX compilation cache (module fixtures): 15 short runs in all.
 """
+import json
 import os
 import shutil
 import signal
@@ -379,7 +380,7 @@ BAD_INPUTS = [
     ('classes differ between splits', {'data.source': 'folder', 'model.num_classes': 2}, _folder('classes'),
      r"classes of .*test differ .* missing \['dog'\], extra \['horse'\]"),
     ('resume with another model', {'model.depth': 14, 'data.pad': 2}, None,
-     r'(?s)model or data differ.*data\.pad: checkpoint has 1, this run has 2.*model\.depth.*--force_resume'),
+     r'(?s)model, data or recipe differ.*data\.pad: checkpoint has 1, this run has 2.*model\.depth.*--force_resume'),
 ]
 
 
@@ -406,6 +407,70 @@ def test_forced_resume_into_a_different_model_names_the_arrays_that_do_not_fit(r
                            r"checkpoint <absent>"):
     trainer.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
   assert _snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume and the recorded config (in process, on one device, on a small image folder that can be moved).
+
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory):
+  """A finished 6-step run on an image folder, checkpointed at steps 3 and 6: ROOT/run, its images in ROOT/images."""
+  root = tmp_path_factory.mktemp('small_run')
+  write_image_folder(root / 'images', size=8, classes=('cat', 'dog'), per_class=16)
+  trainer.train_and_evaluate(_small(root / 'images'), str(root / 'run'), devices=jax.devices()[:1])
+  return root
+
+
+def _small(images, **overrides):
+  return _tiny(**{'data.source': 'folder', 'data.data_dir': str(images), 'model.num_classes': 2, **overrides})
+
+
+def _config_record(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_resume_with_a_changed_recipe_is_refused_naming_each_field_with_both_values(small_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(small_run / 'run', workdir)
+  before = _snapshot(workdir)
+  changed = {'num_steps': 9, 'learning_rate': 0.2, 'lr_boundaries': (5,), 'momentum_form': 'pytorch',
+             'weight_decay': 5e-4, 'warmup.until_error': 0.5, 'seed': 1}
+  with pytest.raises(checkpoint.ConfigMismatchError) as e:
+    trainer.train_and_evaluate(_small(small_run / 'images', **changed), str(workdir), devices=jax.devices()[:1])
+  msg = str(e.value)
+  for line in ('num_steps: checkpoint has 6, this run has 9', 'learning_rate: checkpoint has 0.1, this run has 0.2',
+               'lr_boundaries: checkpoint has [4], this run has [5]',
+               "momentum_form: checkpoint has 'caffe', this run has 'pytorch'",
+               'weight_decay: checkpoint has 0.0001, this run has 0.0005',
+               'warmup.until_error: checkpoint has 0.8, this run has 0.5', 'seed: checkpoint has 0, this run has 1'):
+    assert line in msg, msg
+  assert msg.count('checkpoint has') == len(changed) and '--force_resume' in msg
+  assert _snapshot(workdir) == before
+
+
+def test_a_dataset_moved_to_another_directory_resumes(small_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(small_run / 'run', workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '6')  # as if the run had been stopped after its step-3 checkpoint
+  shutil.copytree(small_run / 'images', tmp_path / 'moved')
+  last = trainer.train_and_evaluate(_small(tmp_path / 'moved'), str(workdir), devices=jax.devices()[:1])
+  assert last['step'] == 6 and checkpoint.Checkpointer(str(workdir)).all_steps() == [3, 6]
+  assert _config_record(workdir / 'config.json')['data']['data_dir'] == str(tmp_path / 'moved')
+  assert _config_record(workdir / 'config.json.1')['data']['data_dir'] == str(small_run / 'images')
+
+
+def test_forced_resume_keeps_each_earlier_config_record(small_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(small_run / 'run', workdir)
+  images, one = small_run / 'images', jax.devices()[:1]
+  trainer.train_and_evaluate(_small(images, num_steps=9), str(workdir), force_resume=True, devices=one)
+  trainer.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), force_resume=True,
+                             devices=one)
+  trainer.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), devices=one)  # same
+  records = [_config_record(workdir / name) for name in ('config.json.1', 'config.json.2', 'config.json')]
+  assert [(r['num_steps'], r['learning_rate']) for r in records] == [(6, 0.1), (9, 0.1), (9, 0.05)]
+  assert not (workdir / 'config.json.3').exists()  # an unchanged config replaces nothing
 
 
 def test_damaged_config_record_in_the_workdir_is_one_clear_error(reference, tmp_path):
@@ -439,7 +504,7 @@ def test_unwritable_workdir_is_refused_and_nothing_is_created(tmp_path, kind):
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/nope.py'], r"cannot load the config file 'configs/nope.py': no such file\. Configs: .*"
                                    r'configs/cifar_110\.py'),
-    (['--config.model.nonsense=3'], r"the config has no field 'nonsense' under config\.model\. Valid fields: "
+    (['--config.model.nonsense=3'], r"config\.model has no field 'nonsense'\. Fields of config\.model: "
                                     r'bn_epsilon, .*shortcut'),
 ])
 def test_command_line_mistakes_are_one_clear_message(reference, tmp_path, args, message):

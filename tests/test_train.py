@@ -186,3 +186,59 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused(axes, shape):
   config.mesh.axes, config.mesh.shape = axes, shape
   with pytest.raises(ValueError, match='config.mesh'):
     train.make_mesh(jax.devices()[:4], config.mesh)
+
+
+def _params_after_each_step(config, steps):
+  """(params, velocity) after each of `steps` real steps on one device."""
+  _, state, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
+  out = []
+  for _ in range(steps):
+    state = step(state, *args)
+    out.append(jax.device_get((state.params, state.opt_state[1].trace)))
+  return out
+
+
+def _leaves(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_caffe_and_pytorch_momentum_agree_while_the_lr_is_constant_and_differ_after_a_drop():
+  """Caffe: v = m v + lr g; w -= v. PyTorch: v = m v + g; w -= lr v. The lr drops from 0.1 to 0.01 at step 3."""
+  runs = {form: _params_after_each_step(tiny_config(lr_boundaries=(3,), momentum_form=form), 4)
+          for form in ('caffe', 'pytorch')}
+  (caffe_w3, caffe_v3), (torch_w3, torch_v3) = runs['caffe'][2], runs['pytorch'][2]
+  for c, t in zip(_leaves(caffe_w3), _leaves(torch_w3)):  # three steps at lr 0.1: the same parameters ...
+    np.testing.assert_allclose(c, t, rtol=1e-4, atol=1e-6)
+  for c, t in zip(_leaves(caffe_v3), _leaves(torch_v3)):  # ... and the Caffe velocity holds the lr
+    np.testing.assert_allclose(c, 0.1 * t, rtol=1e-4, atol=1e-7)
+  # The 4th step, the first at lr 0.01: PyTorch rescales the whole velocity by the new lr, Caffe keeps the old
+  # steps at 0.1, so w_caffe - w_torch = m (0.1 - 0.01) v_torch (before the step's own gradient, which both scale
+  # by 0.01).
+  (caffe_w4, _), (torch_w4, _) = runs['caffe'][3], runs['pytorch'][3]
+  diffs = [c - t for c, t in zip(_leaves(caffe_w4), _leaves(torch_w4))]
+  expected = [-0.9 * (0.1 - 0.01) * v for v in _leaves(torch_v3)]
+  assert max(np.abs(d).max() for d in diffs) > 1e-3
+  for d, e in zip(diffs, expected):
+    np.testing.assert_allclose(d, e, rtol=0.02, atol=1e-5)
+
+
+def test_unknown_momentum_form_lists_the_choices():
+  with pytest.raises(ValueError, match=r"momentum_form 'nesterov'; valid choices: caffe, pytorch"):
+    train.validate(tiny_config(momentum_form='nesterov'), 4)
+
+
+def test_matmul_precision_highest_leaves_cpu_float32_steps_unchanged():
+  """On a CPU, float32 matmuls and convs are full float32 whatever the precision, so the paper's default 'highest'
+  changes nothing there (on GPUs it turns off TF32)."""
+  config = tiny_config()
+  runs = {}
+  for precision in ('default', 'highest'):
+    with jax.default_matmul_precision(precision):
+      runs[precision] = _one_step(config, jax.devices()[:1], 2)
+  for x, y in zip(jax.tree_util.tree_leaves(runs['default']), jax.tree_util.tree_leaves(runs['highest'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_unknown_matmul_precision_lists_the_choices():
+  with pytest.raises(ValueError, match=r"matmul_precision 'tf32'; valid choices: highest, high, default"):
+    train.validate(tiny_config(matmul_precision='tf32'), 4)
