@@ -16,6 +16,7 @@ from helpers import tiny_config, training_step
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_benchmark_command_prints_consistent_json():
   env = dict(os.environ, PYTHONPATH=ROOT)
   p = subprocess.run([sys.executable, '-m', 'resnet_jax.benchmark', '--config=configs/digits.py', '--json',
@@ -75,6 +76,7 @@ def _loss(state):
   return float(state.train_sums['loss']) / float(state.train_sums['count'])
 
 
+@pytest.mark.slow
 def test_half_precision_keeps_float32_state_and_tracks_float32():
   ref = _run_steps(tiny_config(), 2)
   assert ref.loss_scale is None  # loss scaling is off by default: the state has no extra leaves
@@ -101,6 +103,7 @@ _SCALED = {'model.dtype': 'float16', 'loss_scale.enabled': True, 'loss_scale.ini
            'loss_scale.growth_interval': 2}
 
 
+@pytest.mark.slow
 def test_loss_scaling_matches_unscaled_step_and_grows():
   plain = _run_steps(tiny_config(**{'model.dtype': 'float16'}), 2)
   scaled = _run_steps(tiny_config(**_SCALED), 2)
@@ -138,6 +141,7 @@ def _stack_unrolled_into_scanned(unrolled, scanned_shapes):
   return out
 
 
+@pytest.mark.slow
 def test_scanned_blocks_compute_the_same_network():
   config = tiny_config(**{'model.depth': 20})  # 3 blocks per stage: 1 unrolled + a scan of 2
   plain = models.create_model(config.model, bn_group_size=8)
@@ -166,6 +170,7 @@ def test_scanned_blocks_compute_the_same_network():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scanned_backward_keeps_every_convolution_in_the_fast_layout():
   """Inside a scan body XLA:CPU does not rewrite convolutions into the one layout its fast kernels take, so the
   gradient convolutions of autodiff ran in its generic loop (a ResNet-56 step: 75 s instead of 1.2 s). The scanned
@@ -181,6 +186,7 @@ def test_scanned_backward_keeps_every_convolution_in_the_fast_layout():
   assert len(layouts) >= 19 and set(layouts) == {'b01f_01io->b01f'}, sorted(set(layouts))
 
 
+@pytest.mark.slow
 def test_op_profile_attributes_the_step_to_kernel_kinds():
   """benchmarks/op_profile.py reads jax.profiler's trace through a private jax module: keep it working."""
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_cpu_multi_thread_eigen=false')

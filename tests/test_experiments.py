@@ -23,6 +23,7 @@ def _spec(net, residual=True, **overrides):
   return sweep.RunSpec('exp', net, 0, c)
 
 
+@pytest.mark.slow
 def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monkeypatch):
   runs, quiet = str(tmp_path), lambda *_: None
   workdir = _spec('plain-8').workdir(runs)
@@ -126,6 +127,7 @@ def test_table3_nets_and_subset_mode(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Fig. 7: the streaming per-channel std equals a direct computation on all responses at once.
 
+@pytest.mark.slow
 def test_layer_stds_match_a_direct_computation():
   c = config_base.cifar(14)
   model = models.create_model(c.model, bn_group_size=0)
@@ -252,6 +254,7 @@ def test_report_labels_imagenet_centre_crop_against_the_papers_10_crop(tmp_path)
   assert '| 28.00 (10-crop) |' in resnet and '| 27.88 (Table 2, 10-crop) | +0.12 |' in resnet
 
 
+@pytest.mark.slow
 def test_report_reads_plain_main_workdirs_and_a_single_workdir(tmp_path):
   from resnet_jax import trainer
   runs = tmp_path / 'runs'
@@ -279,6 +282,7 @@ def test_report_without_runs_says_how_to_make_them(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # The Colab notebook, top to bottom, on small settings.
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

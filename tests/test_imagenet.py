@@ -74,6 +74,7 @@ def _read_image(path):
 # ---------------------------------------------------------------------------------------------------------------
 # The input pipeline.
 
+@pytest.mark.slow
 @needs_tf
 def test_train_stream_shapes_dtypes_and_labels(folder):
   c = tiny_imagenet_config(folder)
@@ -215,6 +216,7 @@ def _resnet8(num_classes=3):
   return model, variables
 
 
+@pytest.mark.slow
 @needs_tf
 def test_evaluator_top1_top5_match_a_direct_computation(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
@@ -452,6 +454,7 @@ def test_torchvision_name_map_is_explicit_and_mismatches_are_named(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: main trains from the folder through the streaming pipeline; the evaluator reads its checkpoint.
 
+@pytest.mark.slow
 @needs_tf
 def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder, tmp_path):
   workdir = tmp_path / 'run'

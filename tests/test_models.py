@@ -321,6 +321,7 @@ def _summary(*args):
                         cwd=REPO, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_summary_command_json_and_overrides():
   out = _summary('--config=configs/cifar_110.py', '--json')
   assert out.returncode == 0, out.stderr

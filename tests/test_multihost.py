@@ -20,6 +20,7 @@ from resnet_jax import checkpoint, distributed, metrics_io, models, train, train
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every test here runs training processes
 TIMING = ('examples_per_sec',)
 # A ResNet-8 on 8x8 digits, batch 32 on 4 devices. bn_group_size=32: one BN group spans both processes, so the
 # cross-host BN reduction is exercised as well as the gradient all-reduce.

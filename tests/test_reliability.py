@@ -22,6 +22,7 @@ from resnet_jax import checkpoint, config_base, metrics_io, train, trainer
 from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every test here runs training processes
 # 12 steps of a ResNet-8 on 8x8 digits: log every 2, evaluate and checkpoint every 4, lr boundary at 6.
 RUN = {'num_steps': 12, 'data.image_size': 8, 'data.pad': 1, 'model.depth': 8, 'batch_size': 32,
        'bn_group_size': 16, 'log_every_steps': 2, 'checkpoint_every_steps': 4, 'eval_every_steps': 4,

@@ -30,11 +30,13 @@ def test_step_on_1_and_4_devices_is_the_same_for_the_same_bn_group_size(group):
   _assert_states_close(one, four)
 
 
+@pytest.mark.slow
 def test_whole_batch_bn_on_4_devices_equals_one_device():
   config = tiny_config(bn_group_size=0)
   _assert_states_close(_one_step(config, jax.devices()[:1]), _one_step(config, jax.devices()))
 
 
+@pytest.mark.slow
 def test_bn_group_size_changes_the_numerics():
   """Groups of 8 and the whole batch are different computations: the equality tests above can fail."""
   a = _one_step(tiny_config(bn_group_size=8), jax.devices()[:1])
@@ -89,6 +91,7 @@ def test_warmup_cannot_last_forever():
   assert bool(done)
 
 
+@pytest.mark.slow
 def test_warmup_switch_inside_the_real_step():
   """ResNet-110 recipe on the digits: the step returns to lr 0.1 once the error falls, within a few dozen steps."""
   c = tiny_config(num_steps=60, batch_size=64, lr_boundaries=())
@@ -169,6 +172,7 @@ def test_bad_run_shapes_are_refused_with_what_to_change(overrides, message):
     train.validate(tiny_config(**overrides), 4)
 
 
+@pytest.mark.slow
 def test_a_two_axis_mesh_from_config_gives_the_same_step_as_one_device():
   config = tiny_config()
   config.mesh.axes, config.mesh.shape = ('replica', 'data'), (2, -1)
@@ -202,6 +206,7 @@ def _leaves(tree):
   return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 def test_caffe_and_pytorch_momentum_agree_while_the_lr_is_constant_and_differ_after_a_drop():
   """Caffe: v = m v + lr g; w -= v. PyTorch: v = m v + g; w -= lr v. The lr drops from 0.1 to 0.01 at step 3."""
   runs = {form: _params_after_each_step(tiny_config(lr_boundaries=(3,), momentum_form=form), 4)
@@ -227,6 +232,7 @@ def test_unknown_momentum_form_lists_the_choices():
     train.validate(tiny_config(momentum_form='nesterov'), 4)
 
 
+@pytest.mark.slow
 def test_matmul_precision_highest_leaves_cpu_float32_steps_unchanged():
   """On a CPU, float32 matmuls and convs are full float32 whatever the precision, so the paper's default 'highest'
   changes nothing there (on GPUs it turns off TF32)."""

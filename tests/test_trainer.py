@@ -20,6 +20,7 @@ def _rows(workdir):
           for r in metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_config_plot_and_checkpoints(tmp_path):
   last = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
@@ -35,6 +36,7 @@ def test_run_writes_metrics_config_plot_and_checkpoints(tmp_path):
   assert last['step'] == 6
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
   full, part = tmp_path / 'full', tmp_path / 'part'
   trainer.train_and_evaluate(tiny_config(), str(full))
@@ -70,6 +72,7 @@ def test_checkpoint_round_trips_the_whole_state(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused_naming_the_fields(tmp_path):
   trainer.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path))
   with pytest.raises(checkpoint.ConfigMismatchError, match=r'model\.depth.*8.*14') as e:
@@ -78,6 +81,7 @@ def test_resume_with_a_different_model_is_refused_naming_the_fields(tmp_path):
   assert json.load(open(tmp_path / 'config.json'))['model']['depth'] == 8  # nothing overwritten
 
 
+@pytest.mark.slow
 def test_short_run_on_the_embedded_digits_drives_training_error_down(tmp_path):
   c = tiny_config(num_steps=60, batch_size=64, log_every_steps=10, eval_every_steps=60,
                   checkpoint_every_steps=60, lr_boundaries=(40,), bn_group_size=16)
