@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (128, 64, 2, 2),   # the paper's CIFAR run on two cores: one BN group per device
     (128, 64, 4, 4),   # 32 per device, a group spans two devices
     (128, 64, 3, 2),   # 3 does not divide 128
-    (96, 64, 4, 1),    # no count > 1 keeps every group on whole devices (and 500 is not divisible by 3)
+    (96, 32, 4, 1),    # no count > 1 keeps every group on whole devices (and 500 is not divisible by 3)
     (32, 0, 16, 4),    # whole-batch BN: anything dividing 32 and the evaluation batch of 100
 ])
 def test_the_largest_count_that_fits_the_batch_and_the_bn_groups(batch, group, cores, expected):
