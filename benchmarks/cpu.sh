@@ -2,10 +2,11 @@
 # The CPU rows of docs/performance.md: CIFAR ResNet-20/56/110, ours vs PyTorch eager (float32, batch 128), and
 # ResNet-1202's compile and step time. Results: $OUT/cpu_results.jsonl and $OUT/cpu.log.
 #   JAX_PY=/path/to/venv-with-jax/bin/python TORCH_PY=/path/to/venv-with-torch/bin/python benchmarks/cpu.sh
-# Default: both sides pinned to ONE core (taskset -c 0; PyTorch --threads=1), one after the other. On the shared
-# 2-core machine this was written for, a 2-thread PyTorch (OpenMP) collapses as soon as other processes take
-# the cores (its threads spin at barriers), which measures the neighbours, not the code. TWO_THREADS=1 adds the
-# 2-thread comparison. The load average is logged before each case; both sides report process CPU time too.
+# Default: both sides on all the cores this process may use, one after the other: ours at its defaults (one JAX
+# device per core, the paper's BN groups of 64), PyTorch eager with its default threads and channels-last; the
+# dense float32 GEMM of the same run is the ceiling (compare.py --gemm). ONE_CORE=1 adds the comparison with both
+# sides pinned to core 0 (PyTorch --threads=1). The load average is logged before each case; both sides report
+# process CPU time too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/resnet_jax_cpu}; mkdir -p "$OUT"
@@ -17,14 +18,15 @@ export JAX_PLATFORMS=cpu
 date -u; uname -m; nproc; lscpu | grep -E 'Model name' || true
 for depth in $DEPTHS; do
   echo "load: $(uptime)"
-  taskset -c 0 $JAX_PY benchmarks/compare.py --case=cifar:$depth --steps=$STEPS --repeats=$REPEATS \
-    --jax-python=$JAX_PY --torch-python=$TORCH_PY --torch-channels-last --torch-arg=--threads=1 --out "$RES"
+  $JAX_PY benchmarks/compare.py --case=cifar:$depth --steps=$STEPS --repeats=$REPEATS --jax-python=$JAX_PY \
+    --torch-python=$TORCH_PY --torch-channels-last --gemm --jax-arg=--config.bn_group_size=64 --out "$RES"
 done
-if [[ -n "${TWO_THREADS:-}" ]]; then
+if [[ -n "${ONE_CORE:-}" ]]; then
   for depth in $DEPTHS; do
     echo "load: $(uptime)"
-    $JAX_PY benchmarks/compare.py --case=cifar:$depth --steps=$STEPS --repeats=$REPEATS --jax-python=$JAX_PY \
-      --torch-python=$TORCH_PY --torch-channels-last --out "$OUT/cpu_results_2threads.jsonl"
+    taskset -c 0 $JAX_PY benchmarks/compare.py --case=cifar:$depth --steps=$STEPS --repeats=$REPEATS \
+      --jax-python=$JAX_PY --torch-python=$TORCH_PY --torch-channels-last --torch-arg=--threads=1 --gemm \
+      --jax-arg=--config.bn_group_size=64 --out "$OUT/cpu_results_one_core.jsonl"
   done
 fi
 echo "load: $(uptime)"

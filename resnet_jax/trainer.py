@@ -137,10 +137,10 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   if config.matmul_precision not in train.MATMUL_PRECISIONS:  # before jax's own, longer message
     train.validate(config, 1)
   with jax.default_matmul_precision(config.matmul_precision):
-    return _train_and_evaluate(config, workdir, force_resume, devices)
+    return _run(config, workdir, force_resume, devices)
 
 
-def _train_and_evaluate(config, workdir: str, force_resume: bool, devices) -> dict:
+def _run(config, workdir: str, force_resume: bool, devices) -> dict:
   cpu_devices.configure(config)  # before anything starts JAX's backends
   mesh = train.make_mesh(devices, config.mesh)
   train.validate(config, mesh.devices.size)
