@@ -208,6 +208,18 @@ def _replica(state, k: int, num_seeds: int):
   return state.replace(params=take(state.params), batch_stats=take(state.batch_stats))
 
 
+def evaluate_splits(model, inp, state, step: int) -> dict:
+  """The evaluation entries of a metrics line: loss and error (top-5 too for more than 10 classes) of every
+  held-out split of the input, exact, with the BN moving averages."""
+  row, variables = {}, evaluate.local_variables(state)
+  for split in inp.eval_splits():
+    r = evaluate.evaluate(model, variables, inp.eval_batches(split))
+    row.update({f'{split}_loss': r['loss'], f'{split}_error': r['top1_error']})
+    if inp.num_classes > 10:
+      row[f'{split}_top5_error'] = r['top5_error']
+  return row
+
+
 def _announce(config, workdir, data: str, num_devices: int) -> None:
   """The one line a run prints before its first step: network, seeds, data, devices, batch, steps, workdir."""
   seeds = train.replica_seeds(config)
