@@ -31,7 +31,8 @@ def plot_curves(runs: dict, path: str, title: str = '') -> bool:
       if not steps:
         continue
       name = f'{label} {suffix}' + (f' (mean of {len(seeds)} seeds, ±1 std)' if len(seeds) > 1 else '')
-      ax.plot(steps, mean, style, color=color, linewidth=width, label=name)
+      ax.plot(steps, mean, style, color=color, linewidth=width, label=name,
+              marker='o' if len(steps) == 1 else None)  # a single log point is no line
       if len(seeds) > 1:
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
   ax.set_xlabel('iterations')

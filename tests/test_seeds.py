@@ -157,3 +157,15 @@ def test_benchmark_of_two_seeds_sums_images_over_the_seeds(tmp_path):
   assert r['images_per_sec'] == pytest.approx(2 * 32 / r['step_time_s'])
   assert r['step_memory_bytes'] > 0 and r['peak_memory_bytes'] > r['step_memory_bytes']
   assert 'ResNet-8' in p.stdout and ' 2 ' in p.stdout
+
+
+def test_curves_of_several_seeds_are_their_mean_with_a_one_std_band(tmp_path):
+  from resnet_jax import plotting
+  seeds = [[{'step': 10, 'test_error': 0.5}, {'step': 20, 'test_error': 0.3}],
+           [{'step': 10, 'test_error': 0.7}, {'step': 20, 'test_error': 0.1}, {'step': 30, 'test_error': 0.1}]]
+  steps, mean, std = plotting._mean_and_std(seeds, 'test_error')  # pylint: disable=protected-access
+  assert steps == [10, 20]  # the steps every seed logged
+  np.testing.assert_allclose(mean, [60, 20])
+  np.testing.assert_allclose(std, [10, 10])
+  assert plotting.plot_curves({'ResNet-8': seeds}, str(tmp_path / 'c.png'))
+  assert (tmp_path / 'c.png').stat().st_size > 1000
