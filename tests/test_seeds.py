@@ -169,3 +169,15 @@ def test_curves_of_several_seeds_are_their_mean_with_a_one_std_band(tmp_path):
   np.testing.assert_allclose(std, [10, 10])
   assert plotting.plot_curves({'ResNet-8': seeds}, str(tmp_path / 'c.png'))
   assert (tmp_path / 'c.png').stat().st_size > 1000
+
+
+def test_a_non_finite_replica_is_counted_and_skipped_alone():
+  config = tiny_config(num_seeds=2, nonfinite_loss='skip')
+  _, state, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
+  broken = state.params['head']['kernel'].at[1].set(np.nan)  # replica 1 (seed 1) only
+  state = step(state.replace(params={**state.params, 'head': {**state.params['head'], 'kernel': broken}}), *args)
+  state = jax.device_get(state)
+  assert state.train_sums['nonfinite'].tolist() == [0, 1] and state.train_sums['count'].tolist() == [32, 0]
+  assert state.step.tolist() == [1, 1]  # the skipped replica moves on to its next batch
+  alone = _steps(tiny_config(seed=0), jax.devices()[:1], 1)
+  _assert_trees_close(jax.tree_util.tree_map(lambda a: a[0], state), alone)
