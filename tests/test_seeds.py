@@ -181,3 +181,22 @@ def test_a_non_finite_replica_is_counted_and_skipped_alone():
   assert state.step.tolist() == [1, 1]  # the skipped replica moves on to its next batch
   alone = _steps(tiny_config(seed=0), jax.devices()[:1], 1)
   _assert_trees_close(jax.tree_util.tree_map(lambda a: a[0], state), alone)
+
+
+def test_table6_trains_consecutive_seeds_of_a_net_as_one_program():
+  from experiments import table6
+  (spec,) = table6.make_specs(['resnet-20'], [0, 1], steps=10)
+  assert spec.config.num_seeds == 2 and spec.workdir('R').endswith(os.path.join('resnet-20', 'seeds0-1'))
+  assert table6.seed_groups([0, 1, 2, 7, 9, 10]) == [[0, 1, 2], [7], [9, 10]]
+
+
+def test_a_sweep_counts_a_program_of_seeds_finished_only_when_every_seed_is(tmp_path):
+  from experiments import sweep
+  done = json.dumps({'step': 10, 'test_error': 0.5}) + '\n'
+  assert sweep.run_status(str(tmp_path), 10) == 'new'
+  for k, text in ((0, done), (1, json.dumps({'step': 5, 'train_error': 0.5}) + '\n')):
+    (tmp_path / f'seed{k}').mkdir()
+    (tmp_path / f'seed{k}' / 'metrics.jsonl').write_text(text)
+  assert sweep.run_status(str(tmp_path), 10) == 'partial'
+  (tmp_path / 'seed1' / 'metrics.jsonl').write_text(done)
+  assert sweep.run_status(str(tmp_path), 10) == 'finished'
