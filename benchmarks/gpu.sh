@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of docs/performance.md in one go, ours vs PyTorch compiled (AMP, channels-last):
-#   ResNet-50 bf16 (batch 256), CIFAR ResNet-110 and ResNet-56 in bf16 and fp32 (batch 128), then XLA flag variants.
+#   ResNet-50 bf16 (batch 256), CIFAR ResNet-110 and ResNet-56 in bf16 and fp32 (batch 128), then XLA flag variants,
+#   then K = 1, 2, 4, 8 seeds in one program on ResNet-20/56 (rows in $OUT/gpu_flags.jsonl with config.num_seeds).
 # Written for a bare machine with one H100, jax 0.11 (CUDA), flax, optax, torch, no ml_collections, and 10 minutes:
 # the measurements run in order of importance, each with its own time limit, and whatever does not fit before
 # DEADLINE seconds is skipped and named as such. Results: $OUT/gpu_results.jsonl, logs: $OUT/gpu.log.
@@ -52,6 +53,14 @@ ours "CIFAR-56 bf16, command buffers off" "--xla_gpu_enable_command_buffer=" --c
 ours "CIFAR-56 bf16, autotuning off" "--xla_gpu_autotune_level=0" --config=configs/cifar_56.py \
   --config.model.dtype=bfloat16 --config.bn_group_size=0 --steps=50
 ours "CIFAR-56 bf16, paper BN groups of 64" "" --config=configs/cifar_56.py --config.model.dtype=bfloat16 --steps=50
+
+# Several seeds in one program (config.num_seeds, benchmarks/seeds.sh): images/s summed over the seeds and memory,
+# fp32 batch 128 per seed, K = 1, 2, 4, 8 on ResNet-20 and ResNet-56.
+for depth in 20 56; do
+  for k in 1 2 4 8; do
+    ours "CIFAR-$depth fp32, num_seeds=$k" "" --config=configs/cifar_$depth.py --config.num_seeds=$k --steps=20
+  done
+done
 
 # Our ReLU (x * (x > 0)) against max(x, 0): on the CPU the latter made the backward pass quadratic in depth.
 if (( DEADLINE - SECONDS >= 60 )); then

@@ -4,9 +4,10 @@
 
 Reads every run under RUNS_DIR: a directory with config.json and metrics.jsonl (and run_info.json when a sweep made
 it). RUNS_DIR may be one `python -m resnet_jax.main --workdir=DIR` workdir, a folder of such workdirs, or a sweep's
-RUNS_DIR/<experiment>/<net>/seed<k>/ layout. Runs are grouped by experiment (the first folder below RUNS_DIR in a
+RUNS_DIR/<experiment>/<net>/seed<k>/ layout. A run of several seeds in one program (config.num_seeds > 1) keeps each
+seed's config.json and metrics.jsonl in WORKDIR/seed<s>/, so each seed is read as a run of its own. Runs are grouped by experiment (the first folder below RUNS_DIR in a
 sweep, else RUNS_DIR itself), then by net and seed as each run's config.json names them. Per experiment and net:
-our final error (mean +- std over the seeds that finished), the split and testing protocol it was measured with, the
+our final error (best, and mean +- std and n over the seeds that finished, as Table 6 gives ResNet-110), the split and testing protocol it was measured with, the
 paper's number with its table and protocol, the difference, steps run, wall time; runs cut short (fewer steps than
 they planned) are listed on their own rows, labelled, and never averaged with finished ones; shortened recipes are
 labelled as such. Writes fig6.png per
@@ -66,6 +67,9 @@ def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
     config = json.load(f)
   rows = metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   info = sweep.read_run_info(workdir)
+  program = os.path.dirname(os.path.abspath(workdir))
+  if not info and os.path.exists(os.path.join(program, 'config.json')):
+    info = sweep.read_run_info(program)  # one seed of a program of several (WORKDIR/seed<s>/): the program's books
   evals = [r for r in rows if 'test_error' in r or 'val_error' in r]
   last_eval = evals[-1] if evals else None
   split = 'test' if last_eval and 'test_error' in last_eval else 'val'
@@ -140,12 +144,19 @@ def _mean_std(values) -> str:
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
+def _best_mean_std(values) -> str:
+  """As Table 6 gives ResNet-110: the best error, then (mean ± std, n) over the seeds."""
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{min(values):.2f} ({_mean_std(values)}, n={len(values)})'
+
+
 def _row(net: str, runs: list, status: str) -> str:
   errors = [r.error for r in runs if r.error is not None]
   trains = [r.train_error for r in runs if r.train_error is not None]
   first = runs[0]
   protocols = sorted({r.protocol for r in runs})
-  ours = f'{_mean_std(errors)} ({", ".join(protocols)})' if errors else 'no evaluation yet'
+  ours = f'{_best_mean_std(errors)} ({", ".join(protocols)})' if errors else 'no evaluation yet'
   ref = paper.paper_reference(first.dataset, first.family, net)
   if ref is not None:
     value, table, protocol = ref
@@ -215,7 +226,7 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
               f'Dataset: {", ".join(sorted({r.dataset for r in all_runs}))}; recipe: '
               f'{"; ".join(sorted({r.recipe for r in all_runs}))}; hardware: {", ".join(devices) or "not recorded"}.',
               '',
-              '| net | seeds | held-out error | train error | split | paper | ours − paper | steps | wall time '
+              '| net | seeds | held-out error: best (mean ± std, n) | train error | split | paper | ours − paper | steps | wall time '
               '(per run) | status |',
               '|---|---|---|---|---|---|---|---|---|---|']
     for net in sorted(nets, key=plots_order):

@@ -33,7 +33,11 @@ class RunSpec:
   note: str = ''  # what the report should say about this run (e.g. "image-folder subset, not ImageNet")
 
   def workdir(self, runs_dir: str) -> str:
-    return os.path.join(runs_dir, self.experiment, self.net, f'seed{self.seed}')
+    """RUNS_DIR/<experiment>/<net>/seed<k>/, or .../seeds<k>-<k+K-1>/ for K seeds trained in one program (each
+    seed's metrics then in its seed<s>/ below)."""
+    k = self.config.num_seeds
+    name = f'seed{self.seed}' if k == 1 else f'seeds{self.seed}-{self.seed + k - 1}'
+    return os.path.join(runs_dir, self.experiment, self.net, name)
 
 
 def load_config_file(path: str):
@@ -94,12 +98,16 @@ def shorten(config, num_steps: int):
 
 
 def run_status(workdir: str, num_steps: int) -> str:
-  """'finished' (the final step is logged with its evaluation), 'partial' (a checkpoint or metrics exist) or 'new'."""
-  rows = metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-  final = [r for r in rows if r['step'] >= num_steps and ('test_error' in r or 'val_error' in r)]
-  if final:
+  """'finished' (the final step is logged with its evaluation, for every seed of a program of several), 'partial'
+  (a checkpoint or metrics exist) or 'new'."""
+  paths = [os.path.join(workdir, 'metrics.jsonl')]
+  if not os.path.exists(paths[0]) and os.path.isdir(workdir):  # several seeds: WORKDIR/seed<s>/metrics.jsonl
+    paths = [os.path.join(workdir, d, 'metrics.jsonl') for d in sorted(os.listdir(workdir)) if d.startswith('seed')]
+  runs = [metrics_io.read_metrics(p) for p in paths]
+  finished = lambda rows: any(r['step'] >= num_steps and ('test_error' in r or 'val_error' in r) for r in rows)
+  if runs and all(finished(rows) for rows in runs):
     return 'finished'
-  if rows or os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if any(runs) or os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return 'partial'
   return 'new'
 
@@ -140,7 +148,8 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
     log(f'[{"resume" if status == "partial" else "start"}] {workdir}')
     os.makedirs(workdir, exist_ok=True)
     info = read_run_info(workdir)
-    info.update(experiment=spec.experiment, net=spec.net, seed=spec.seed, note=spec.note,
+    info.update(experiment=spec.experiment, net=spec.net, seed=spec.seed, num_seeds=spec.config.num_seeds,
+                note=spec.note,
                 planned_steps=spec.config.num_steps)
     info['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})'
     info.setdefault('wall_seconds', 0.0)

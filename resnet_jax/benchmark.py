@@ -13,7 +13,11 @@ size (random pixels; the step gathers its batch from the epoch permutation and r
 inside the step, exactly as in training). ImageNet configs: a synthetic on-device pool of `--pool` images at the
 config's size that the same step gathers from (with the flip; no crop padding), so no input pipeline is timed.
 
-Reported: step time, images/s, model FLOP/s and, where the device's peak is known, utilisation. Model FLOPs count
+With --config.num_seeds=K the step trains K seeds at once (vmapped over the state, as in training): images/s is
+summed over the K replicas. Memory: XLA's estimate for the compiled step (state, batch, activations; per device)
+and the peak the device reports (accelerators), or the process's peak resident memory (CPU).
+
+Reported: step time, images/s, memory, model FLOP/s and, where the device's peak is known, utilisation. Model FLOPs count
 a training step as 3x the forward pass and a multiply-add as 2 FLOPs, with the forward multiply-adds of
 `summary.py` (convolutions and the fc layer): 6 x MACs x images. This is the usual "model FLOPs" convention, so
 utilisation is comparable with published MFU figures; it ignores BN, ReLU and the optimiser.
@@ -136,22 +140,25 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
     _block(state)
     windows.append((time.perf_counter() - start) / steps)
     cpu_windows.append((time.process_time() - cpu_start) / steps)
-  loss = float(jax.device_get(state.train_sums['loss'])) / float(jax.device_get(state.train_sums['count']))
+  sums = jax.device_get(state.train_sums)
+  loss = float(np.sum(sums['loss'])) / float(np.sum(sums['count']))  # over every seed
 
   step_time = statistics.median(windows)
   unrolled = config.model.copy_and_resolve_references()
   unrolled.scan_blocks = False  # summary counts each conv call it sees; a scanned block is traced once
   params, macs = summary.count(unrolled, config.data.image_size)
-  images_per_sec = config.batch_size / step_time
+  images_per_sec = config.num_seeds * config.batch_size / step_time  # summed over the seeds
   model_flops = 6 * macs * images_per_sec
   device = jax.devices()[0] if devices is None else devices[0]
   peak = peak_flops(device.device_kind, config.model.dtype)
+  stats = device.memory_stats() if device.platform != 'cpu' else None
   peak_total = peak * num_devices if peak else None
   return dict(
       config=dict(family=config.model.family, depth=config.model.depth, residual=config.model.residual,
                   shortcut=config.model.shortcut, dtype=config.model.dtype, batch_size=config.batch_size,
                   bn_group_size=config.bn_group_size, image_size=config.data.image_size,
-                  scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled),
+                  scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled,
+                  num_seeds=config.num_seeds),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
                   cpu_devices=cpu_devices.describe() if device.platform == 'cpu' else None,
                   host=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
@@ -164,14 +171,25 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
       # when other processes compete, so it helps tell a real change from contention.
       process_cpu_s_per_step=statistics.median(cpu_windows),
       images_per_sec=images_per_sec,
+      step_memory_bytes=train.step_memory_bytes(compiled),
+      # The device's own peak where it reports one; on the CPU the process's peak resident memory (everything).
+      peak_memory_bytes=(stats or {}).get('peak_bytes_in_use') if device.platform != 'cpu' else _peak_rss_bytes(),
       params=params, macs_per_image=macs, model_flops_per_sec=model_flops,
       peak_flops_per_sec=peak_total, utilisation=(model_flops / peak_total) if peak_total else None,
       final_train_loss=loss)
 
 
+def _peak_rss_bytes() -> int:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def format_result(r: dict) -> str:
   c = r['config']
   name = f'{c["family"]} {"ResNet" if c["residual"] else "plain"}-{c["depth"]} {c["dtype"]} batch {c["batch_size"]}'
+  if c['num_seeds'] > 1:
+    name += f' x {c["num_seeds"]} seeds'
+  mib = lambda b: f'{b / 2 ** 20:,.0f} MiB' if b is not None else 'n/a'
   util = f', utilisation {100 * r["utilisation"]:.1f}%' if r['utilisation'] is not None else ''
   return (f'{name} on {r["device"]["count"]}x {r["device"]["kind"]} ({r["device"]["platform"]})\n'
           f'  compile {r["compile_s"]:.1f} s (+ lowering {r["lower_s"]:.1f} s; '
@@ -179,7 +197,8 @@ def format_result(r: dict) -> str:
           f'  step {1e3 * r["step_time_s"]:.2f} ms (median of {r["repeats"]} x {r["steps"]} steps; windows '
           + ', '.join(f'{1e3 * t:.2f}' for t in r['step_times_s']) + ' ms; '
           f'{1e3 * r["process_cpu_s_per_step"]:.0f} ms of process CPU time per step)\n'
-          f'  {r["images_per_sec"]:,.0f} images/s, {r["model_flops_per_sec"] / 1e12:.3f} model TFLOP/s{util}')
+          f'  {r["images_per_sec"]:,.0f} images/s, {r["model_flops_per_sec"] / 1e12:.3f} model TFLOP/s{util}\n'
+          f'  memory: step estimate {mib(r["step_memory_bytes"])} per device, peak {mib(r["peak_memory_bytes"])}')
 
 
 # summary.py (imported above for the multiply-add count) already defines --config and --json in this process;

@@ -28,7 +28,8 @@ from resnet_jax import distributed, train
 # Fields (and sections) that change the model, the data or the recipe: a checkpoint is only resumed under the same
 # values, unless forced.
 RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', 'lr_boundaries', 'lr_decay_factor',
-                  'momentum', 'momentum_form', 'weight_decay', 'weight_decay_on', 'warmup', 'bn_group_size', 'seed')
+                  'momentum', 'momentum_form', 'weight_decay', 'weight_decay_on', 'warmup', 'bn_group_size', 'seed',
+                  'num_seeds')
 # Where the data is read from, not what it is: moving the dataset (or its tf.data cache) does not block a resume.
 RESUME_IGNORED = ('data.data_dir', 'data.cache')
 DIGEST_KEY = 'state_sha256'
@@ -87,7 +88,7 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, state, force: bool = False) -> None:
-    step = int(jax.device_get(state.step))
+    step = int(np.max(jax.device_get(state.step)))  # several seeds: one step counter each, all equal
     if step in self.manager.all_steps():
       return
     tree = flax.serialization.to_state_dict(state)
@@ -251,10 +252,23 @@ def _resume_fields(config: dict) -> dict:
   return {k: v for k, v in _flatten(config).items() if k.split('.')[0] in RESUME_CHECKED and k not in RESUME_IGNORED}
 
 
+def _over_defaults(saved: dict) -> dict:
+  """`saved` (a config.json) over config_base's defaults: a field added since the run was recorded reads as its
+  default (e.g. num_seeds: 1), as in `load_config`."""
+  from resnet_jax import config_base
+
+  def merge(base, values):
+    out = dict(base)
+    for k, v in values.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return merge(config_to_dict(config_base.base()), saved)
+
+
 def check_resume_config(saved: dict, config: ConfigDict) -> None:
   """Raises ConfigMismatchError naming every model, data or recipe field (RESUME_CHECKED) that differs from the
-  checkpointed run's, with both values."""
-  old, new = _resume_fields(saved), _resume_fields(config_to_dict(config))
+  checkpointed run's, with both values. A field the saved config predates counts as its default."""
+  old, new = _resume_fields(_over_defaults(saved)), _resume_fields(config_to_dict(config))
   show = lambda d, k: repr(d[k]) if k in d else '<absent>'
   diffs = [f'  {k}: checkpoint has {show(old, k)}, this run has {show(new, k)}'
            for k in sorted(set(old) | set(new)) if old.get(k, KeyError) != new.get(k, KeyError)]

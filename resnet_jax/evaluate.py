@@ -163,6 +163,10 @@ def run(config, workdir: str, protocol: str, step: int | None = None, recalibrat
         limit: int = 0) -> dict:
   if protocol not in PROTOCOLS:
     raise ValueError(f'Unknown --protocol {protocol!r}; valid choices: {", ".join(PROTOCOLS)}.')
+  if config.num_seeds > 1:
+    raise ValueError(f'config.num_seeds={config.num_seeds}: the checkpoint holds {config.num_seeds} seeds in one '
+                     'state; this command evaluates a run of one seed. The training run\'s own evaluations of each '
+                     'seed are in WORKDIR/seed<s>/metrics.jsonl.')
   cpu_devices.configure(config)
   mesh = train.make_mesh(None, config.mesh)
   train.validate(config, mesh.devices.size)

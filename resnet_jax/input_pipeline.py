@@ -4,8 +4,9 @@ An `Input` answers four questions:
   what the data is     `image_shape`, `num_classes`, `class_names`, `num_train_examples`, `mean`, `description`
   the step's inputs    `train_inputs(start_step)`: an iterator giving, per step from `start_step` on, the arrays the
                        jitted step takes after the state (`input_shardings` says how each is placed), and
-                       `device_batch(step, *inputs)`: traced inside the step, returns the batch (x, y) the
-                       update sees. The loop never looks inside.
+                       `device_batch(step, *inputs, seed=)`: traced inside the step, returns the batch (x, y)
+                       the update sees; `seed` (traced under vmap when several seeds train together) decides the
+                       data order and augmentation. The loop never looks inside.
   where a run resumes  the step alone: batch k is a function of (seed, k), so a resumed run feeds the batches an
                        uninterrupted one would (`resumes_exactly` says whether this input keeps that promise).
   what to evaluate     `eval_splits()` and `eval_batches(split, protocol, batch_size)`: this process's padded batches
@@ -65,12 +66,13 @@ class InMemoryInput:
                              for a in (self._ds.train_images, self._ds.train_labels, self.mean))
     return itertools.repeat(self._resident)
 
-  def device_batch(self, step, images, labels, mean):
-    """The batch of `step`: indices from the epoch's permutation, cropped and flipped on the device (each device
-    gathers and augments its own slice of the batch)."""
+  def device_batch(self, step, images, labels, mean, *, seed):
+    """The batch of `step` for the replica of `seed`: indices from the epoch's permutation, cropped and flipped on
+    the device (each device gathers and augments its own slice of the batch)."""
     config = self._config
-    idx = jax.lax.with_sharding_constraint(train.batch_indices(config, images.shape[0], step), self._batch_sharding)
-    aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), step)
+    idx = jax.lax.with_sharding_constraint(train.batch_indices(config, images.shape[0], step, seed),
+                                           self._batch_sharding)
+    aug_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), step)
     return augment.train_view(aug_key, images[idx], mean, config.data.pad, config.data.random_flip), labels[idx]
 
   def eval_splits(self) -> tuple:
@@ -141,8 +143,8 @@ class StreamedInput:
     return self._imagenet.prefetch_to_device(self.host_batches(start_step), self.input_shardings[0],
                                              self._config.data.prefetch_to_device)
 
-  def device_batch(self, step, images, labels):
-    return images, labels
+  def device_batch(self, step, images, labels, *, seed):
+    return images, labels  # the host stream is seeded from config.seed (one seed per run: train.validate)
 
   def eval_splits(self) -> tuple:
     return self._splits

@@ -2,6 +2,9 @@
 
   python -m resnet_jax.main --config=configs/cifar_110.py --workdir=runs/cifar_110 [--config.FIELD=VALUE ...]
 
+  python -m resnet_jax.main --config=configs/cifar_110.py --workdir=runs/cifar_110_s0-4 --config.num_seeds=5
+      # seeds 0..4 in one program, each seed's metrics in WORKDIR/seed<s>/
+
 Resumes from WORKDIR/checkpoints when a checkpoint is there. The logic lives in trainer.train_and_evaluate.
 Exit status: 0 when done or stopped by SIGTERM (checkpoint written), 130 when stopped by SIGINT (checkpoint written),
 1 with one `error: ...` line for a mistake in the flags, the config, the data or the workdir.

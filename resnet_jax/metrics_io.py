@@ -67,8 +67,8 @@ class Progress:
   def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
     self.total, self.start, self.t0, self.enabled = total_steps, start_step, time.time(), enabled
 
-  def line(self, step: int, m: dict) -> str:
-    parts = [f'step {step}/{self.total}']
+  def line(self, step: int, m: dict, prefix: str = '') -> str:
+    parts = [f'{prefix}step {step}/{self.total}']
     if 'lr' in m:
       parts.append(f'lr {m["lr"]:.4g}')
     if 'train_loss' in m:
@@ -83,6 +83,6 @@ class Progress:
       parts.append(f'ETA {_fmt_time((time.time() - self.t0) / done * (self.total - step))}')
     return ' | '.join(parts)
 
-  def print(self, step: int, m: dict) -> None:
+  def print(self, step: int, m: dict, prefix: str = '') -> None:
     if self.enabled:
-      print(self.line(step, m), flush=True)
+      print(self.line(step, m, prefix), flush=True)

@@ -43,6 +43,12 @@ def validate(config, num_devices: int) -> None:
                'eval_batch_size'):
     if config[name] <= 0:
       raise ValueError(f'config.{name}={config[name]} must be positive.')
+  if config.num_seeds < 1:
+    raise ValueError(f'config.num_seeds={config.num_seeds} must be at least 1: the number of seeds trained together '
+                     f'(config.seed, config.seed + 1, ...).')
+  if config.num_seeds > 1 and config.data.streaming:
+    raise ValueError(f'config.num_seeds={config.num_seeds} needs an in-memory dataset: the streamed input draws one '
+                     'data order for the whole run, not one per seed. Train each seed in its own run.')
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate={config.learning_rate} must be positive.')
   if config.nonfinite_loss not in NONFINITE_POLICIES:
@@ -162,9 +168,16 @@ def update_loss_scale(config, loss_scale, grads):
   return grads, finite, {'scale': new_scale, 'good_steps': jnp.where(grow, 0, good)}
 
 
-def init_state(config, model, image_shape, num_classes: int) -> TrainState:
-  variables = model.init(jax.random.key(config.seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32),
-                         train=False)
+def replica_seeds(config) -> list[int]:
+  """The seeds of the replicas a run trains together: config.seed, config.seed + 1, ..., + config.num_seeds - 1."""
+  return [config.seed + k for k in range(config.num_seeds)]
+
+
+def init_state(config, model, image_shape, num_classes: int, seed=None) -> TrainState:
+  """The initial state of one replica: the network initialised from `seed` (a traced value under vmap), or from
+  config.seed when it is None."""
+  seed = config.seed if seed is None else seed
+  variables = model.init(jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=make_optimizer(config, params).init(params),
@@ -173,12 +186,13 @@ def init_state(config, model, image_shape, num_classes: int) -> TrainState:
                     loss_scale=init_loss_scale(config))
 
 
-def batch_indices(config, num_examples: int, step):
-  """The indices of `step`'s batch: epochs are reshuffled from the seed; the last partial batch of an epoch is
-  skipped (as a data loader with drop_last), so every batch has exactly config.batch_size examples."""
+def batch_indices(config, num_examples: int, step, seed=None):
+  """The indices of `step`'s batch: epochs are reshuffled from `seed` (config.seed when None; a traced value under
+  vmap); the last partial batch of an epoch is skipped (as a data loader with drop_last), so every batch has exactly
+  config.batch_size examples."""
   steps_per_epoch = num_examples // config.batch_size
   epoch, within = step // steps_per_epoch, step % steps_per_epoch
-  data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  data_key = jax.random.fold_in(jax.random.key(config.seed if seed is None else seed), 1)
   perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
   return jax.lax.dynamic_slice_in_dim(perm, within * config.batch_size, config.batch_size)
 
@@ -245,13 +259,25 @@ def make_train_step(config, model, mesh, inp):
   """The jitted training step of every run: `step(state, *inputs) -> state`, where `inputs` are what the input
   `inp` (input_pipeline.py) feeds for the step and `inp.device_batch` turns them into the batch, inside the step.
   The state is replicated and donated; the batch is sharded over the mesh, and the compiler inserts the gradient
-  all-reduce."""
+  all-reduce.
+
+  With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step vmapped over it
+  and over the replica seeds (the data inputs are shared): each replica draws its own batch, augmentation, BN
+  statistics, lr and non-finite handling. Each replica's batch is still sharded over the mesh (vmap leaves the
+  replica axis of the sharding constraints unconstrained)."""
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh))
 
-  def step(state, *inputs):
-    x, y = inp.device_batch(state.step, *inputs)
+  def replica_step(state, seed, *inputs):
+    x, y = inp.device_batch(state.step, *inputs, seed=seed)
     x, y = (jax.lax.with_sharding_constraint(a, batch) for a in (x, y))
     return sgd_update(config, model, state, x, y)
+
+  if config.num_seeds == 1:
+    step = lambda state, *inputs: replica_step(state, config.seed, *inputs)
+  else:
+    def step(state, *inputs):
+      seeds = jnp.asarray(replica_seeds(config), jnp.int32)
+      return jax.vmap(replica_step, in_axes=(0, 0) + (None,) * len(inputs))(state, seeds, *inputs)
 
   return jax.jit(step, in_shardings=(replicated, *inp.input_shardings), out_shardings=replicated,
                  donate_argnums=(0,))
@@ -260,11 +286,17 @@ def make_train_step(config, model, mesh, inp):
 def create_model_and_state(config, mesh, abstract: bool = False):
   """(model, TrainState) of `config`: the network `config.model` names and its initial state, replicated over
   `mesh`. With `abstract`, the state is shapes, dtypes and shardings only (nothing computed): the template a
-  checkpoint restores into, and a way to refuse a checkpoint of another model before compiling anything."""
+  checkpoint restores into, and a way to refuse a checkpoint of another model before compiling anything.
+  With config.num_seeds = K > 1, the K replicas' states stacked on a leading axis, replica k initialised from
+  seed config.seed + k."""
   model = models.create_model(config.model, bn_group_size=config.bn_group_size)
   size = config.data.image_size
-  init = jax.jit(lambda: init_state(config, model, (size, size, 3), config.model.num_classes),
-                 out_shardings=NamedSharding(mesh, P()))
+  one = lambda seed=None: init_state(config, model, (size, size, 3), config.model.num_classes, seed)
+  if config.num_seeds == 1:
+    fn = one
+  else:
+    fn = lambda: jax.vmap(one)(jnp.asarray(replica_seeds(config), jnp.int32))
+  init = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
   return model, (jax.eval_shape(init) if abstract else init())
 
 
@@ -292,3 +324,54 @@ def batch_spec(mesh: Mesh, *leading) -> P:
   axis, so each device holds global_batch / num_devices examples whatever the mesh's shape."""
   names = mesh.axis_names
   return P(*leading, names[0] if len(names) == 1 else tuple(names))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Will the step fit in memory? (checked before training when several seeds share one program)
+
+def step_memory_bytes(compiled) -> int | None:
+  """Bytes one device needs to run the compiled step: its arguments (state, data), the outputs not aliased to
+  donated arguments, and XLA's temporaries (activations, gradients), from XLA's own memory analysis. None where
+  the backend does not report it."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not implemented on this backend
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def available_memory_bytes(device) -> int | None:
+  """What `device` may allocate: the accelerator's limit, or for CPU devices the host's available memory (which
+  all of this process's CPU devices share). None when unknown."""
+  if device.platform != 'cpu':
+    stats = device.memory_stats() or {}
+    return int(stats['bytes_limit']) if 'bytes_limit' in stats else None
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def check_memory(config, compiled, devices) -> int | None:
+  """Raises ValueError, naming the estimate, when the compiled step needs more memory than the devices have.
+  CPU devices share the host's memory, so their estimates add up. Returns the estimate (None when unknown)."""
+  per_device = step_memory_bytes(compiled)
+  have = available_memory_bytes(devices[0])
+  if per_device is None or have is None:
+    return per_device
+  cpu = devices[0].platform == 'cpu'
+  need = per_device * (len(devices) if cpu else 1)
+  if need > have:
+    gib = lambda b: f'{b / 2 ** 30:.2f} GiB'
+    raise ValueError(
+        f'The training step of config.num_seeds={config.num_seeds} seed(s) needs about {gib(need)} '
+        f'({"on the host, over " + str(len(devices)) + " CPU devices" if cpu else "per device"}: XLA\'s estimate of '
+        f'the state, the batch and the activations) but {gib(have)} is available. Lower config.num_seeds or '
+        'config.batch_size, or train the seeds in separate runs.')
+  return need

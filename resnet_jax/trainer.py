@@ -6,6 +6,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resnet_jax import (checkpoint, cpu_devices, data, distributed, evaluate, input_pipeline, metrics_io, models,
@@ -97,7 +98,7 @@ def _write_config(config_path: str, config) -> None:
   os.replace(config_path + '.tmp', config_path)
 
 
-def _check_nonfinite(config, sums: dict, step: int, ckpt, log_point: bool) -> int:
+def _check_nonfinite(config, sums: dict, step: int, ckpt, log_point: bool, seed: int | None = None) -> int:
   """Raises NonFiniteLossError (naming the step and the last good checkpoint) if a step since the last log point
   was not finite under nonfinite_loss='stop', or, at a log point under 'skip', if every step of the window was
   skipped. Returns the number of non-finite steps (the skipped ones under 'skip')."""
@@ -112,6 +113,9 @@ def _check_nonfinite(config, sums: dict, step: int, ckpt, log_point: bool) -> in
   good = ckpt.latest_step()
   what = (f'The training loss or parameters became non-finite at step {first}' if policy == 'stop'
           else f'Every step from {first} to {step} had a non-finite loss or parameters and was skipped')
+  if seed is not None:
+    what += f' in the replica of seed {seed}'
+
   raise NonFiniteLossError(
       f'{what} (found at step {step}). Last good checkpoint: '
       + (f'step {good} in {ckpt.directory}' if good is not None else 'none') + '. Lower --config.learning_rate, '
@@ -151,9 +155,13 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
 
   config_path = os.path.join(workdir, 'config.json')
   _check_resume_config(config_path, config, force_resume)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
   # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
   model, template = train.create_model_and_state(config, mesh, abstract=True)
+  step_fn = train.make_train_step(config, model, mesh, inp)
+  if config.num_seeds > 1:  # several seeds multiply the memory: refuse a step that cannot fit, before any write
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    train.check_memory(config, step_fn.lower(template, *next(inp.train_inputs(0))).compile(), local)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
   state, start_step = ckpt.restore_latest(template, report=print if is_main else lambda _: None)
   if not start_step:
     model, state = train.create_model_and_state(config, mesh)
@@ -162,13 +170,42 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
   distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
   if is_main:
     _write_config(config_path, config)
+    for seed, out in zip(train.replica_seeds(config), seed_workdirs(config, workdir)):
+      if out != workdir:  # each seed's outputs as the run of that seed alone would record them
+        os.makedirs(out, exist_ok=True)
+        _write_config(os.path.join(out, 'config.json'), single_seed_config(config, seed))
     _announce(config, workdir, inp.description, mesh.devices.size)
 
-  step_fn = train.make_train_step(config, model, mesh, inp)
   inputs = inp.train_inputs(start_step)
   return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
                    lambda state: step_fn(state, *next(inputs)),
-                   lambda state, step: evaluate_splits(model, inp, state, step))
+                   lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)
+                                        for k in range(config.num_seeds)])
+
+
+def seed_workdirs(config, workdir: str) -> list:
+  """Where each seed's metrics.jsonl, TensorBoard events and config.json go: the workdir itself for one seed;
+  WORKDIR/seed<s>/ for each seed s of a run of several (the layout the report and TensorBoard read as one run per
+  seed). The checkpoint (all seeds in one state) and curves.png stay in the workdir."""
+  if config.num_seeds == 1:
+    return [workdir]
+  return [os.path.join(workdir, f'seed{s}') for s in train.replica_seeds(config)]
+
+
+def single_seed_config(config, seed: int):
+  """The config of the run that trains `seed` alone: what replica `seed - config.seed` of `config` equals."""
+  one = config.copy_and_resolve_references()
+  one.seed, one.num_seeds = seed, 1
+  return one
+
+
+def _replica(state, k: int, num_seeds: int):
+  """The network of replica k (params and BN statistics) of a state with a leading seed axis; the state itself for
+  one seed. What evaluation reads."""
+  if num_seeds == 1:
+    return state
+  take = lambda tree: jax.tree_util.tree_map(lambda a: a[k], tree)
+  return state.replace(params=take(state.params), batch_stats=take(state.batch_stats))
 
 
 def evaluate_splits(model, inp, state, step: int) -> dict:
@@ -184,9 +221,11 @@ def evaluate_splits(model, inp, state, step: int) -> dict:
 
 
 def _announce(config, workdir, data: str, num_devices: int) -> None:
-  """The one line a run prints before its first step: network, data, devices, batch, steps, workdir."""
-  print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} ({config.model.family}) '
-        f'on {data}, {num_devices} device(s) ({_device_choice()}) in {jax.process_count()} process(es), '
+  """The one line a run prints before its first step: network, seeds, data, devices, batch, steps, workdir."""
+  seeds = train.replica_seeds(config)
+  seeds_s = f', seeds {seeds[0]}..{seeds[-1]} in one program,' if len(seeds) > 1 else ''
+  print(f'Training {"ResNet" if config.model.residual else "plain"}-{config.model.depth} ({config.model.family})'
+        f'{seeds_s} on {data}, {num_devices} device(s) ({_device_choice()}) in {jax.process_count()} process(es), '
         f'batch {config.batch_size}, {config.num_steps} steps, workdir {workdir}', flush=True)
 
 
@@ -195,12 +234,22 @@ def _device_choice() -> str:
   return f'{platform}: {cpu_devices.describe()}' if platform == 'cpu' else platform
 
 
+def _split_seeds(tree, num_seeds: int) -> list:
+  """[replica 0's tree, ...] of a host tree with a leading seed axis ([tree] for one seed)."""
+  if num_seeds == 1:
+    return [tree]
+  return [jax.tree_util.tree_map(lambda a: a[k], tree) for k in range(num_seeds)]
+
+
 def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, next_state,
               eval_rows) -> dict:
   """The training loop: `next_state(state)` takes one step, `eval_rows(state, step)` returns the evaluation
-  entries of a metrics line. Logging, evaluation, checkpoint cadence, non-finite checks, signals and the final
-  plot live here once. `replicated` is the sharding of the state."""
-  writer = metrics_io.MetricsWriter(workdir, start_step, enabled=is_main)
+  entries of a metrics line per seed. Logging, evaluation, checkpoint cadence, non-finite checks, signals and the
+  final plot live here once. `replicated` is the sharding of the state. Each seed has its own metrics lines (in
+  `seed_workdirs`); the returned metrics are the last line's (per seed under 'seeds' when there are several)."""
+  seeds, multi = train.replica_seeds(config), config.num_seeds > 1
+  outs = seed_workdirs(config, workdir)
+  writers = [metrics_io.MetricsWriter(out, start_step, enabled=is_main) for out in outs]
   progress = metrics_io.Progress(config.num_steps, start_step, enabled=is_main)
   last = {}
   window_start, window_step = time.time(), start_step
@@ -212,29 +261,36 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
       if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
         stop.signal = signal.SIGTERM
       final = step == config.num_steps
-      row = {}
+      rows = [{} for _ in seeds]
       # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
       # the same lines as an uninterrupted one.
       if step % config.log_every_steps == 0 or final:
-        sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
-        skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True)
-        row.update(_summarise(sums, 'train'))
-        row['lr'] = float(sums['lr'])
-        if config.nonfinite_loss == 'skip':
-          row['skipped_steps'] = skipped
+        all_sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
         now = time.time()
-        row['examples_per_sec'] = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
+        examples_per_sec = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
         window_start, window_step = now, step
-        state = state.replace(train_sums=jax.device_put(train.zero_sums(), replicated))
+        for seed, sums, row in zip(seeds, _split_seeds(all_sums, config.num_seeds), rows):
+          skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True, seed=seed if multi else None)
+          row.update(_summarise(sums, 'train'))
+          row['lr'] = float(sums['lr'])
+          if config.nonfinite_loss == 'skip':
+            row['skipped_steps'] = skipped
+          row['examples_per_sec'] = examples_per_sec  # per seed: each replica trains on its own batch
+        state = state.replace(train_sums=jax.device_put(
+            jax.tree_util.tree_map(np.zeros_like, all_sums), replicated))
       if step % config.eval_every_steps == 0 or final:
-        row.update(eval_rows(state, step))
-      if row:
-        writer.write(step, row)
-        progress.print(step, row)
-        last = {'step': step, **row}
+        for row, evaluated in zip(rows, eval_rows(state, step)):
+          row.update(evaluated)
+      if rows[0]:
+        for seed, writer, row in zip(seeds, writers, rows):
+          writer.write(step, row)
+          progress.print(step, row, prefix=f'seed {seed}: ' if multi else '')
+        last = ({'step': step, **rows[0]} if not multi else
+                {'step': step, 'seeds': {seed: row for seed, row in zip(seeds, rows)}})
       if step % config.checkpoint_every_steps == 0 or final or stop.signal:
         # Never checkpoint a broken state.
-        _check_nonfinite(config, jax.device_get(state.train_sums), step, ckpt, log_point=False)
+        for seed, sums in zip(seeds, _split_seeds(jax.device_get(state.train_sums), config.num_seeds)):
+          _check_nonfinite(config, sums, step, ckpt, log_point=False, seed=seed if multi else None)
         ckpt.save(state, force=bool(stop.signal))
       if stop.signal and not final:
         ckpt.wait()
@@ -244,13 +300,14 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
         last = {**last, 'stopped_by_signal': int(stop.signal)}
         break
   ckpt.close()
-  writer.close()
+  for writer in writers:
+    writer.close()
   if is_main:
-    rows = metrics_io.read_metrics(writer.path)
-    skipped = sum(r.get('skipped_steps', 0) for r in rows)
+    per_seed = [metrics_io.read_metrics(writer.path) for writer in writers]
+    skipped = sum(r.get('skipped_steps', 0) for rows in per_seed for r in rows)
     if skipped:
       print(f'{int(skipped)} step(s) had a non-finite loss or parameters and were skipped (nonfinite_loss=skip).',
             flush=True)
-    plotting.plot_curves({f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}': rows},
-                         os.path.join(workdir, 'curves.png'))
+    label = f'{"ResNet" if config.model.residual else "plain"}-{config.model.depth}'
+    plotting.plot_curves({label: per_seed if multi else per_seed[0]}, os.path.join(workdir, 'curves.png'))
   return last

@@ -75,7 +75,7 @@ def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
 
 def test_table6_runs_the_papers_cifar_configs():
   specs = table6.make_specs(table6.VALID_NETS, [0, 1])
-  assert len(specs) == 2 * 11
+  assert len(specs) == 11  # both seeds of a net in one program
   for s in specs:
     kind, depth = s.net.split('-')
     c = s.config
@@ -83,7 +83,8 @@ def test_table6_runs_the_papers_cifar_configs():
         ('cifar', int(depth), kind == 'resnet', 'A')  # Sec. 4.2: option A in all cases
     assert (c.num_steps, tuple(c.lr_boundaries), c.batch_size) == (64_000, (32_000, 48_000), 128)
     assert c.warmup.enabled == (int(depth) >= 110)  # the 0.01 warm-up for 110 and 1202 layers
-  assert {s.config.seed for s in specs} == {0, 1}
+  assert {(s.config.seed, s.config.num_seeds) for s in specs} == {(0, 2)}
+  assert specs[0].workdir('R') == os.path.join('R', 'table6', specs[0].net, 'seeds0-1')
   assert set(paper.TABLE6_TEST_ERROR) <= {s.net for s in specs}
 
 
@@ -206,8 +207,8 @@ def test_report_puts_ours_next_to_the_paper_and_labels_cut_runs(tmp_path):
   text = out.read_text()
   lines = text.splitlines()
   row = next(l for l in lines if l.startswith('| resnet-20 | 0,1 |'))
-  # mean 8.75 +- std 0.35 (sample std of 9.0 and 8.5); the paper's 8.75; difference +0.00; 1h01m per run
-  assert '| 8.75 ± 0.35 (single view) |' in row and '| 8.75 (Table 6, single view) | +0.00 |' in row
+  # best 8.50, mean 8.75 +- std 0.35 (sample std of 9.0 and 8.5); the paper's 8.75; difference +0.00; 1h01m per run
+  assert '| 8.50 (8.75 ± 0.35, n=2) (single view) |' in row and '| 8.75 (Table 6, single view) | +0.00 |' in row
   assert '64000 of 64000' in row and '1h01m' in row
   assert 'finished' in row
   # The cut run is on its own row, labelled, and not averaged with the finished seed.

@@ -72,12 +72,14 @@ def _metrics(workdir):
           for r in metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
 
 
-def _assert_same_run(a, b):
-  """metrics.jsonl identical line by line (wall-clock throughput aside) and the final checkpoint identical bit for
-  bit: parameters, BN statistics, momentum, step, warm-up state and the open log window."""
-  rows_a, rows_b = _metrics(a), _metrics(b)
-  assert [r['step'] for r in rows_a] == [2, 4, 6, 8, 10, 12]
-  assert rows_a == rows_b
+def _assert_same_run(a, b, seeds=None):
+  """metrics.jsonl identical line by line (wall-clock throughput aside; each seed's, in seed<s>/, for a run of
+  several `seeds`) and the final checkpoint identical bit for bit: parameters, BN statistics, momentum, step,
+  warm-up state and the open log window (of every seed)."""
+  for sub in [f'seed{s}' for s in seeds] if seeds else ['']:
+    rows_a, rows_b = _metrics(os.path.join(a, sub)), _metrics(os.path.join(b, sub))
+    assert [r['step'] for r in rows_a] == [2, 4, 6, 8, 10, 12]
+    assert rows_a == rows_b
   final = RUN['num_steps']
   state_a, state_b = (checkpoint.Checkpointer(str(w)).load_arrays(final) for w in (a, b))
   paths_a, leaves_a = zip(*jax.tree_util.tree_flatten_with_path(state_a)[0])
@@ -143,6 +145,31 @@ def test_run_killed_anywhere_resumes_to_the_uninterrupted_result(reference, tmp_
     assert len(restored) <= 1 and (restored or [0])[0] < int(step)  # work after the last complete checkpoint redone
   assert not list(ckpt_dir.glob('*.orbax-checkpoint-tmp'))  # the resumed run removed the half-written step
   _assert_same_run(reference, tmp_path)
+
+
+@pytest.fixture(scope='module')
+def reference_two_seeds(tmp_path_factory, cache):
+  """The uninterrupted run of seeds 0 and 1 in one program."""
+  workdir = tmp_path_factory.mktemp('reference_two_seeds')
+  _ok(_main(workdir, '--config.num_seeds=2', cache=cache))
+  return workdir
+
+
+@pytest.mark.parametrize('fault', ['kill@train:7', 'kill@eval:8'])
+def test_run_of_two_seeds_killed_resumes_to_the_uninterrupted_result(reference_two_seeds, tmp_path, cache, fault):
+  """The state of both seeds is one checkpoint, each seed's metrics its own file: a kill between steps, or between
+  the evaluations of the two seeds, resumes to the uninterrupted run bit for bit."""
+  point, step = fault.split('@')[1].split(':')
+  killed = _main(tmp_path, '--config.num_seeds=2', fault=fault, cache=cache)
+  assert f'[test fault] {point} at step {step}' in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
+  assert killed.returncode == -signal.SIGKILL
+  assert not (tmp_path / 'metrics.jsonl').exists()  # each seed's lines are in its seed<s>/
+  with open(tmp_path / 'seed1' / 'metrics.jsonl', 'a') as f:  # as if the kill had also cut a line short
+    f.write('{"step": 99, "train_lo')
+  resumed = _ok(_main(tmp_path, '--config.num_seeds=2', cache=cache))
+  assert 'seeds 0..1 in one program' in resumed.stdout
+  _assert_same_run(reference_two_seeds, tmp_path, seeds=(0, 1))
+  assert _metrics(tmp_path / 'seed0') != _metrics(tmp_path / 'seed1')  # two different runs
 
 
 def test_damaged_latest_checkpoint_is_reported_and_the_run_resumes_from_the_previous_one(reference, tmp_path, cache):
