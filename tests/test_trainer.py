@@ -202,7 +202,7 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 def test_the_run_is_traced_under_config_matmul_precision(tmp_path, monkeypatch):
   seen = []
-  monkeypatch.setattr(trainer, '_train_and_evaluate',
+  monkeypatch.setattr(trainer, '_run',
                       lambda *args: seen.append(jax.config.jax_default_matmul_precision) or {})
   trainer.train_and_evaluate(tiny_config(), str(tmp_path))
   trainer.train_and_evaluate(tiny_config(matmul_precision='default'), str(tmp_path))
