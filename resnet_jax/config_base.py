@@ -104,6 +104,11 @@ def base() -> ml_collections.ConfigDict:
   # initialisation, data order, augmentation, BN statistics, warm-up and non-finite handling, vmapped over one
   # TrainState with a leading num_seeds axis. Replica k trains as the run with seed + k alone would.
   c.num_seeds = 1
+  # How the seeds share the step (num_seeds > 1; not in the paper). 'vmap': one vectorised step, whose convolutions
+  # become grouped convolutions: one kernel launch for all seeds on GPUs/TPUs, but XLA:CPU runs grouped convolutions
+  # in its slow generic loop (6x slower per seed than one seed alone). 'unroll': each seed's step written out in turn
+  # in the same program (the single-seed step each, equal to float rounding). 'auto': unroll on the CPU, vmap elsewhere.
+  c.seed_batching = 'auto'          # 'auto' | 'vmap' | 'unroll'
   c.log_every_steps = 100
   c.eval_every_steps = 2_000
   c.checkpoint_every_steps = 2_000

@@ -46,6 +46,9 @@ def validate(config, num_devices: int) -> None:
   if config.num_seeds < 1:
     raise ValueError(f'config.num_seeds={config.num_seeds} must be at least 1: the number of seeds trained together '
                      f'(config.seed, config.seed + 1, ...).')
+  if config.seed_batching not in SEED_BATCHING:
+    raise ValueError(f'Unknown config.seed_batching {config.seed_batching!r}; valid choices: '
+                     f'{", ".join(SEED_BATCHING)}.')
   if config.num_seeds > 1 and config.data.streaming:
     raise ValueError(f'config.num_seeds={config.num_seeds} needs an in-memory dataset: the streamed input draws one '
                      'data order for the whole run, not one per seed. Train each seed in its own run.')
@@ -255,16 +258,28 @@ def guard_nonfinite(config, old: TrainState, new: TrainState, loss) -> TrainStat
   return new.replace(train_sums={**new.train_sums, **counts})
 
 
+SEED_BATCHING = ('auto', 'vmap', 'unroll')
+
+
+def seed_batching(config, mesh) -> str:
+  """'vmap' or 'unroll' for the mesh's devices: config.seed_batching, with 'auto' unrolling on the CPU (whose
+  grouped convolutions, what vmap makes of the seeds' convolutions, run in XLA's slow generic loop)."""
+  if config.seed_batching != 'auto':
+    return config.seed_batching
+  return 'unroll' if mesh.devices.flat[0].platform == 'cpu' else 'vmap'
+
+
 def make_train_step(config, model, mesh, inp):
   """The jitted training step of every run: `step(state, *inputs) -> state`, where `inputs` are what the input
   `inp` (input_pipeline.py) feeds for the step and `inp.device_batch` turns them into the batch, inside the step.
   The state is replicated and donated; the batch is sharded over the mesh, and the compiler inserts the gradient
   all-reduce.
 
-  With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step vmapped over it
-  and over the replica seeds (the data inputs are shared): each replica draws its own batch, augmentation, BN
-  statistics, lr and non-finite handling. Each replica's batch is still sharded over the mesh (vmap leaves the
-  replica axis of the sharding constraints unconstrained)."""
+  With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step applied to each
+  replica with its seed (the data inputs are shared): each replica draws its own batch, augmentation, BN
+  statistics, lr and non-finite handling. `seed_batching` decides how: vmapped over the replica axis (each
+  replica's batch is still sharded over the mesh: vmap leaves the replica axis of the sharding constraints
+  unconstrained), or unrolled, one replica after the other in the same program."""
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh))
 
   def replica_step(state, seed, *inputs):
@@ -274,10 +289,15 @@ def make_train_step(config, model, mesh, inp):
 
   if config.num_seeds == 1:
     step = lambda state, *inputs: replica_step(state, config.seed, *inputs)
-  else:
+  elif seed_batching(config, mesh) == 'vmap':
     def step(state, *inputs):
       seeds = jnp.asarray(replica_seeds(config), jnp.int32)
       return jax.vmap(replica_step, in_axes=(0, 0) + (None,) * len(inputs))(state, seeds, *inputs)
+  else:
+    def step(state, *inputs):
+      outs = [replica_step(jax.tree_util.tree_map(lambda a: a[k], state), seed, *inputs)
+              for k, seed in enumerate(replica_seeds(config))]
+      return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
   return jax.jit(step, in_shardings=(replicated, *inp.input_shardings), out_shardings=replicated,
                  donate_argnums=(0,))

@@ -2,9 +2,11 @@
 outputs per seed; bad values refused before anything is written. The kill-and-resume case is in
 test_reliability.py.
 
-Tolerance. A replica is not bit-identical to the run of its seed alone: under vmap the convolutions' kernels gain a
-leading replica axis, which XLA lowers as one grouped convolution (the replicas as feature groups) instead of K
-plain ones, and its CPU kernels add the products in another order. The difference is float32 rounding: 1e-5
+Tolerance. A replica is not bit-identical to the run of its seed alone. With seed_batching='vmap' the convolutions'
+kernels gain a leading replica axis, which XLA lowers as one grouped convolution (the replicas as feature groups)
+instead of K plain ones, and its kernels add the products in another order. With 'unroll' (the CPU's default)
+each replica runs the single-seed step, but XLA compiles the K steps as one program and fuses some reductions
+differently (differences of a few 1e-9 after 5 steps). Either way the difference is float32 rounding: 1e-5
 (relative and absolute), the tolerance of the 1- vs 4-device comparison in test_train.py, after a few steps.
 """
 import json
@@ -40,9 +42,10 @@ def _assert_trees_close(a, b, tol=TOL):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(path))
 
 
-def test_two_seeds_in_one_step_equal_each_seed_trained_alone():
+@pytest.mark.parametrize('batching', ['unroll', 'vmap'])
+def test_two_seeds_in_one_step_equal_each_seed_trained_alone(batching):
   # 5 steps cross the lr boundary at step 4 of the tiny recipe.
-  both = _steps(tiny_config(num_seeds=2), jax.devices()[:1], 5)
+  both = _steps(tiny_config(num_seeds=2, seed_batching=batching), jax.devices()[:1], 5)
   assert both.params['head']['kernel'].shape[0] == 2 and both.step.tolist() == [5, 5]
   for k in (0, 1):
     alone = _steps(tiny_config(seed=k), jax.devices()[:1], 5)
@@ -63,6 +66,14 @@ def test_replica_initial_states_are_the_single_seed_initial_states_bit_for_bit()
 def test_two_seeds_on_1_and_4_devices_give_the_same_states():
   config = tiny_config(num_seeds=2, bn_group_size=16)  # groups spanning two devices' 8 examples each
   _assert_trees_close(_steps(config, jax.devices()[:1], 2), _steps(config, jax.devices(), 2))
+
+
+def test_seed_batching_is_unrolled_on_the_cpu_by_default_and_unknown_values_are_refused():
+  mesh = train.make_mesh(jax.devices()[:1])
+  assert train.seed_batching(tiny_config(num_seeds=2), mesh) == 'unroll'
+  assert train.seed_batching(tiny_config(num_seeds=2, seed_batching='vmap'), mesh) == 'vmap'
+  with pytest.raises(ValueError, match='valid choices: auto, vmap, unroll'):
+    train.validate(tiny_config(seed_batching='scan'), 1)
 
 
 def test_num_seeds_below_one_is_refused():
