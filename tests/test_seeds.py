@@ -42,6 +42,7 @@ def _assert_trees_close(a, b, tol=TOL):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('batching', ['unroll', 'vmap'])
 def test_two_seeds_in_one_step_equal_each_seed_trained_alone(batching):
   # 5 steps cross the lr boundary at step 4 of the tiny recipe.
@@ -61,8 +62,7 @@ def test_replica_initial_states_are_the_single_seed_initial_states_bit_for_bit()
     _, alone = train.create_model_and_state(tiny_config(seed=seed), mesh)
     for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(both)), jax.tree_util.tree_leaves(jax.device_get(alone))):
       np.testing.assert_array_equal(x[k], y)
-
-
+@pytest.mark.slow
 def test_two_seeds_on_1_and_4_devices_give_the_same_states():
   config = tiny_config(num_seeds=2, bn_group_size=16)  # groups spanning two devices' 8 examples each
   _assert_trees_close(_steps(config, jax.devices()[:1], 2), _steps(config, jax.devices(), 2))
@@ -79,16 +79,14 @@ def test_seed_batching_is_unrolled_on_the_cpu_by_default_and_unknown_values_are_
 def test_num_seeds_below_one_is_refused():
   with pytest.raises(ValueError, match=r'config\.num_seeds=0 must be at least 1'):
     train.validate(tiny_config(num_seeds=0), 1)
-
-
+@pytest.mark.slow
 def test_a_step_too_large_for_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
   monkeypatch.setattr(train, 'available_memory_bytes', lambda device: 1000)
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError, match=r'num_seeds=2 seed\(s\) needs about [0-9.]+ GiB .* but 0\.00 GiB is available'):
     trainer.train_and_evaluate(tiny_config(num_seeds=2), str(workdir))
   assert not workdir.exists()
-
-
+@pytest.mark.slow
 def test_memory_estimate_grows_with_the_seeds():
   mesh = train.make_mesh(jax.devices()[:1])
   estimates = []
@@ -180,8 +178,7 @@ def test_curves_of_several_seeds_are_their_mean_with_a_one_std_band(tmp_path):
   np.testing.assert_allclose(std, [10, 10])
   assert plotting.plot_curves({'ResNet-8': seeds}, str(tmp_path / 'c.png'))
   assert (tmp_path / 'c.png').stat().st_size > 1000
-
-
+@pytest.mark.slow
 def test_a_non_finite_replica_is_counted_and_skipped_alone():
   config = tiny_config(num_seeds=2, nonfinite_loss='skip')
   _, state, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
