@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
 from resnet_jax import config_base, models

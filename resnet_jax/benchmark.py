@@ -56,7 +56,7 @@ def peak_flops(device_kind: str, dtype: str):
 
 
 def synthetic_data(config, pool: int = 512, examples: int = 0, seed: int = 0):
-  """(uint8 images, int32 labels, float32 per-pixel mean) on the host, shaped as the config's training set."""
+  """(uint8 images, int32 labels) on the host, shaped as the config's training set."""
   size = config.data.image_size
   if config.model.family == 'imagenet':
     n = pool
@@ -68,8 +68,7 @@ def synthetic_data(config, pool: int = 512, examples: int = 0, seed: int = 0):
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, config.model.num_classes, (n,), dtype=np.int32)
-  mean = np.full((size, size, 3), 127.5, np.float32)
-  return images, labels, mean
+  return images, labels
 
 
 def _block(tree):
@@ -78,7 +77,7 @@ def _block(tree):
 
 def _synthetic_input(config, mesh, pool: int = 512, examples: int = 0):
   """The in-memory input of the training run over synthetic data of the config's shape."""
-  images, labels, _ = synthetic_data(config, pool, examples)
+  images, labels = synthetic_data(config, pool, examples)
   ds = data.Dataset(train_images=images, train_labels=labels, test_images=None, test_labels=None,
                     class_names=[str(i) for i in range(config.model.num_classes)])
   return input_pipeline.InMemoryInput(config, mesh, ds)
