@@ -9,6 +9,9 @@ restores silently with wrong values). Each save therefore records the SHA-256 of
 metadata, and a restore recomputes it. Resuming takes the newest checkpoint that restores and matches its digest;
 newer damaged ones are reported and moved to WORKDIR/checkpoints_damaged/ (kept for inspection, never deleted).
 
+Input position: a streamed input's iterator state (a small JSON dict) is saved as the item 'data_iter' of the same
+step, next to the state (item 'default'), so the step and the input position are always one consistent pair.
+
 Config: WORKDIR/config.json records the run's config; resuming with a config that changes the model, the data or the
 recipe is refused, naming the fields, unless forced. Where the data is read from is not part of that: a dataset moved
 to another directory resumes.
@@ -30,9 +33,11 @@ from resnet_jax import distributed, train
 RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', 'lr_boundaries', 'lr_decay_factor',
                   'momentum', 'momentum_form', 'weight_decay', 'weight_decay_on', 'warmup', 'bn_group_size', 'seed',
                   'num_seeds')
-# Where the data is read from, not what it is: moving the dataset (or its tf.data cache) does not block a resume.
-RESUME_IGNORED = ('data.data_dir', 'data.cache')
+# Where and how the data is read, not what it is: moving the dataset or changing the number of decoding workers does not
+# block a resume.
+RESUME_IGNORED = ('data.data_dir', 'data.workers', 'data.read_threads', 'data.prefetch_to_device')
 DIGEST_KEY = 'state_sha256'
+STATE_ITEM, DATA_ITEM = 'default', 'data_iter'  # orbax item names; 'default' is also a single-item checkpoint's
 
 
 class ConfigMismatchError(ValueError):
@@ -76,7 +81,8 @@ class Checkpointer:
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.damaged_directory = os.path.join(self.workdir, 'checkpoints_damaged')
     self.manager = ocp.CheckpointManager(
-        self.directory, item_handlers=ocp.StandardCheckpointHandler(),  # so metadata reads work before any restore
+        self.directory,  # handlers given, so metadata reads work before any restore
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             temporary_path_class=self.temporary_path_class))
@@ -87,14 +93,31 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, state, force: bool = False) -> None:
+  def save(self, state, force: bool = False, data_state: dict | None = None) -> None:
+    """Saves `state` (and `data_state`, the input's iterator state after this step, when it has one)."""
     step = int(np.max(jax.device_get(state.step)))  # several seeds: one step counter each, all equal
     if step in self.manager.all_steps():
       return
     tree = flax.serialization.to_state_dict(state)
+    items = {STATE_ITEM: ocp.args.StandardSave(tree)}
+    if data_state is not None:
+      items[DATA_ITEM] = ocp.args.JsonSave(data_state)
     # The digest is taken now, from the state being saved; the write itself continues in the background.
-    self.manager.save(step, args=ocp.args.StandardSave(tree), force=force,
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force,
                       custom_metadata={DIGEST_KEY: state_digest(tree)})
+
+  def data_state(self, step: int) -> dict | None:
+    """The input's iterator state saved with `step`, or None (an input without one, or an older checkpoint)."""
+    if DATA_ITEM not in self._items(step):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]
+
+  def _items(self, step: int) -> list:
+    return list(self.manager.item_metadata(step).keys())
+
+  def _state_metadata(self, step: int):
+    meta = self.manager.item_metadata(step)[STATE_ITEM]
+    return getattr(meta, 'tree', meta)
 
   def saved_digest(self, step: int) -> str | None:
     try:
@@ -105,8 +128,7 @@ class Checkpointer:
 
   def check_fits(self, template, step: int) -> None:
     """Raises ConfigMismatchError naming the arrays whose shape or dtype differ between `step` and `template`."""
-    meta = self.manager.item_metadata(step)
-    meta = getattr(meta, 'tree', meta)
+    meta = self._state_metadata(step)
     saved = {jax.tree_util.keystr(p): (tuple(m.shape), np.dtype(m.dtype).name)
              for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
     wanted = {jax.tree_util.keystr(p): (tuple(np.shape(x)), np.dtype(x.dtype).name)
@@ -129,7 +151,8 @@ class Checkpointer:
     target = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         flax.serialization.to_state_dict(template))
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
     expected = self.saved_digest(step)
     if expected is not None and state_digest(restored) != expected:
       raise DamagedCheckpointError(f'its content does not match the SHA-256 recorded when step {step} was saved')
@@ -138,17 +161,18 @@ class Checkpointer:
   def load_arrays(self, step: int | None = None) -> dict:
     """The state dict of `step` (default: the latest) as host numpy arrays, on any device count; not verified."""
     step = self.latest_step() if step is None else step
-    meta = self.manager.item_metadata(step)
-    template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), getattr(meta, 'tree', meta))
-    return self.manager.restore(step, args=ocp.args.StandardRestore(template))
+    template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), self._state_metadata(step))
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardRestore(template)}))[STATE_ITEM]
 
   def restore_latest(self, template, report=print):
-    """(state, step) from the newest intact checkpoint, or (template, 0) when there is none. Damaged checkpoints
+    """(state, step, data_state) from the newest intact checkpoint, or (template, 0, None) when there is none. Damaged checkpoints
     newer than it are reported and moved to `damaged_directory`; NoUsableCheckpointError if all are damaged."""
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
         state = self.restore(template, step)
+        data_state = self.data_state(step)
       except ConfigMismatchError:
         raise
       except Exception as e:  # unreadable, truncated, missing files, or a digest mismatch: the checkpoint is damaged
@@ -161,12 +185,12 @@ class Checkpointer:
         report(f'Moved the damaged checkpoint step {s} to {self._set_aside(s)}.')
       if damaged:
         report(f'Resuming from step {step}, the newest intact checkpoint.')
-      return state, step
+      return state, step, data_state
     if damaged:
       raise NoUsableCheckpointError(
           f'Every checkpoint in {self.directory} is damaged (steps {sorted(damaged)}); see the messages above. '
           'Move that directory away to start the run from scratch, or use another --workdir.')
-    return template, 0
+    return template, 0, None
 
   def _set_aside(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))

@@ -141,8 +141,8 @@ def imagenet(depth: int, residual: bool = True) -> ml_collections.ConfigDict:
   c.model.num_classes = 1000
   c.data.dataset = 'imagenet2012'
   c.data.image_size = 224           # Sec. 3.4: "a 224x224 crop is randomly sampled"
-  # The streaming input pipeline (imagenet_input.py): tf.data from disk, `source` 'tfds' or 'folder'
-  # (DIR/train/<class>/*.JPEG, DIR/val/<class>/*). Each augmentation is one option; the defaults are Sec. 3.4's.
+  # The streaming input pipeline (imagenet_input.py): grain from disk, `source` 'folder' (DIR/train/<class>/*.JPEG,
+  # DIR/val/<class>/*) or 'tfds' (prepared as ArrayRecord). Each augmentation is one option; the defaults are Sec. 3.4's.
   c.data.streaming = True
   c.data.scale_range = (256, 480)   # Sec. 3.4: shorter side "randomly sampled in [256, 480] for scale augmentation"
   c.data.mean = 'per_pixel'         # Sec. 3.4: "per-pixel mean subtracted"; 'per_channel' | 'none'
@@ -151,8 +151,10 @@ def imagenet(depth: int, residual: bool = True) -> ml_collections.ConfigDict:
   c.data.lighting_std = 0.1         # Sec. 3.4: "the standard color augmentation in [21]" (AlexNet PCA noise); 0: off
   c.data.eval_resize = 256          # Sec. 3.4 testing: 224 crops of the image resized to 256 (centre / 10-crop)
   c.data.multiscale_sizes = (224, 256, 384, 480, 640)  # Sec. 3.4: fully-convolutional, scores averaged over these
-  c.data.cache = ''                 # '' | 'memory' | a file prefix: tf.data cache of the encoded images
-  c.data.shuffle_buffer = 16_384    # examples shuffled together for tfds or a cache (folder names: a full shuffle)
+  c.data.workers = 0                # grain worker processes decoding in parallel (0: decode in the training process)
+  c.data.read_threads = 0           # decoding threads per process (0: one per core)
+  c.data.jpeg_dct_scaling = False   # let the JPEG decoder downscale by 2/4/8 when the image is that much larger than
+                                    # its resized view (faster; slightly different pixels; not in the paper)
   c.data.prefetch_to_device = 2     # batches in flight to the devices
   # Sec. 3.4: mini-batch 256 on 8 GPUs (BN over 32 per GPU), lr 0.1 divided by 10 when the error plateaus,
   # up to 60e4 iterations. The plateaus are fixed here at the iterations where they occur in Fig. 4.

@@ -7,16 +7,19 @@ An `Input` answers four questions:
                        `device_batch(step, *inputs, seed=)`: traced inside the step, returns the batch (x, y)
                        the update sees; `seed` (traced under vmap when several seeds train together) decides the
                        data order and augmentation. The loop never looks inside.
-  where a run resumes  the step alone: batch k is a function of (seed, k), so a resumed run feeds the batches an
-                       uninterrupted one would (`resumes_exactly` says whether this input keeps that promise).
+  where a run resumes  `iterator_state()` goes into each checkpoint (None when the step is the whole state: batch k
+                       a function of (seed, k)); `train_inputs(start_step, iterator_state)` continues from it, so
+                       a resumed run feeds the batches an uninterrupted one would.
   what to evaluate     `eval_splits()` and `eval_batches(split, protocol, batch_size)`: this process's padded batches
                        {'images', 'labels', 'mask'} of the split, every example once (evaluate.py sums them).
 
 InMemoryInput (CIFAR, digits; data.py): the whole training set lives on the devices as uint8; the step draws its
 batch from the epoch's permutation and augments it on the device (augment.py), so a step needs no host work.
 
-StreamedInput (ImageNet; imagenet_input.py): batches are decoded and augmented on the host, each process reading
-its shard, and fed to the devices a few steps ahead. The step takes them as they are.
+StreamedInput (ImageNet; imagenet_input.py): batches are decoded and augmented on the host by a grain pipeline,
+each process reading its share, and fed to the devices a few steps ahead. The step takes them as they are. Its
+`iterator_state()` (the stream position after the batch the step took last) is saved with each checkpoint and given
+back to `train_inputs(start_step, iterator_state)` on resume.
 """
 import itertools
 
@@ -40,8 +43,6 @@ def create(config, mesh, workdir: str | None = None):
 
 
 class InMemoryInput:
-  resumes_exactly = True
-
   def __init__(self, config, mesh, dataset: data.Dataset | None = None):
     ds = data.load(config.data) if dataset is None else dataset
     self._config, self._mesh, self._ds = config, mesh, ds
@@ -59,12 +60,15 @@ class InMemoryInput:
     self._batch_sharding = NamedSharding(mesh, train.batch_spec(mesh))
     self._resident = None
 
-  def train_inputs(self, start_step: int):
+  def train_inputs(self, start_step: int, iterator_state: dict | None = None):
     if self._resident is None:  # placed once, on first use: the training set, its labels and the mean image
       sharding = self.input_shardings[0]
       self._resident = tuple(jax.device_put(a, sharding)
                              for a in (self._ds.train_images, self._ds.train_labels, self.mean))
     return itertools.repeat(self._resident)
+
+  def iterator_state(self) -> None:
+    return None  # batch k is a function of (seed, k): the step is the whole state
 
   def device_batch(self, step, images, labels, mean, *, seed):
     """The batch of `step` for the replica of `seed`: indices from the epoch's permutation, cropped and flipped on
@@ -105,26 +109,24 @@ def padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, prep
 
 
 class StreamedInput:
-  # The tf.data stream does not save its position: a resumed run draws a fresh order from (seed, step).
-  resumes_exactly = False
-
   def __init__(self, config, mesh, workdir: str | None = None):
     from resnet_jax import imagenet_input
     self._imagenet = imagenet_input
     self._config, self._mesh = config, mesh
-    info = imagenet_input.split_info(config.data, 'train')
-    self.class_names = list(info.class_names)
-    self.num_classes = len(info.class_names)
-    self.num_train_examples = info.num_examples
+    imagenet_input.check_data_config(config.data)
+    self._train = imagenet_input.source(config.data, 'train')
+    self.class_names = list(self._train.class_names)
+    self.num_classes = len(self.class_names)
+    self.num_train_examples = len(self._train)
     size = config.data.image_size
     self.image_shape = (size, size, 3)
     try:
-      has_val = imagenet_input.split_info(config.data, 'val').num_examples > 0
+      self._val = imagenet_input.source(config.data, 'val')
     except data.DatasetNotFoundError:
-      has_val = False
-    self._splits = ('val',) if has_val else ()
+      self._val = None
     self._workdir = workdir
     self._mean = None
+    self._position = None
     self.description = f'{self.num_train_examples} images of {config.data.dataset} (streamed)'
     batch = NamedSharding(mesh, train.batch_spec(mesh))
     self.input_shardings = (batch, batch)
@@ -132,23 +134,65 @@ class StreamedInput:
   @property
   def mean(self) -> np.ndarray:
     if self._mean is None:  # read from the workdir when a run saved it, else computed (and saved) once
-      self._mean = self._imagenet.input_mean(self._config.data, self._workdir)
+      self._mean = self._imagenet.input_mean(self._config.data, self._train, self._workdir)
     return self._mean
 
-  def host_batches(self, start_step: int):
-    """This process's share of each training batch from `start_step` on, as numpy (images, labels)."""
-    return self._imagenet.train_dataset(self._config, self.mean, seed_offset=start_step).as_numpy_iterator()
+  def resume_position(self, start_step: int, iterator_state: dict | None) -> int:
+    """The stream position to resume at: the one saved with the checkpoint (refused if the checkpoint was written
+    with other classes or another number of training examples), or start_step x batch for a checkpoint without
+    one (the same position: batch k is positions [kB, (k + 1)B))."""
+    if not iterator_state:
+      return start_step * self._config.batch_size
+    saved_classes = list(iterator_state.get('class_names', self.class_names))
+    if saved_classes != self.class_names:
+      gone = [c for c in saved_classes if c not in self.class_names]
+      new = [c for c in self.class_names if c not in saved_classes]
+      raise ValueError(
+          f'The checkpoint was trained on {len(saved_classes)} classes; this data source has {len(self.class_names)}'
+          f' (missing here: {gone[:5]}{" ..." if len(gone) > 5 else ""}; new here: {new[:5]}'
+          f'{" ..." if len(new) > 5 else ""}{"; same names in another order" if not gone and not new else ""}). '
+          'Point config.data at the dataset the run was trained on, or use another --workdir.')
+    saved_n = iterator_state.get('num_examples', self.num_train_examples)
+    if saved_n != self.num_train_examples:
+      raise ValueError(
+          f'The checkpoint was trained on {saved_n} training examples; this data source has '
+          f'{self.num_train_examples}, so its epochs would be other permutations. Point config.data at the dataset '
+          'the run was trained on, or use another --workdir.')
+    return int(iterator_state[self._imagenet.POSITION_KEY])
 
-  def train_inputs(self, start_step: int):
-    return self._imagenet.prefetch_to_device(self.host_batches(start_step), self.input_shardings[0],
-                                             self._config.data.prefetch_to_device)
+  def host_batches(self, start_step: int, iterator_state: dict | None = None):
+    """This process's share of each training batch from `start_step` on, as numpy (images, labels); its
+    `get_state()` is the stream position after the last batch taken."""
+    return self._imagenet.train_iterator(self._config, self._train, self.mean,
+                                         self.resume_position(start_step, iterator_state))
+
+  def train_inputs(self, start_step: int, iterator_state: dict | None = None):
+    host = self.host_batches(start_step, iterator_state)
+    self._position = host.get_state()[self._imagenet.POSITION_KEY]
+    stream = self._imagenet.prefetch_to_device(host, self.input_shardings[0], self._config.data.prefetch_to_device,
+                                               tag=lambda: host.get_state()[self._imagenet.POSITION_KEY])
+
+    def inputs():
+      for arrays, position in stream:
+        self._position = position  # the batch handed to the step: its position is what a checkpoint records
+        yield arrays
+    return inputs()
+
+  def iterator_state(self) -> dict | None:
+    """The stream's state after the last batch the step took, for the checkpoint of that step: the position, and
+    what the position means (the classes, the number of examples)."""
+    if not isinstance(self._position, int):
+      return None
+    return {self._imagenet.POSITION_KEY: self._position, 'num_examples': self.num_train_examples,
+            'class_names': self.class_names}
 
   def device_batch(self, step, images, labels, *, seed):
     return images, labels  # the host stream is seeded from config.seed (one seed per run: train.validate)
 
   def eval_splits(self) -> tuple:
-    return self._splits
+    return ('val',) if self._val is not None else ()
 
   def eval_batches(self, split: str, protocol: str = 'center', batch_size: int = 0, limit: int = 0):
-    return self._imagenet.eval_batches(self._config, self.mean, protocol,
-                                       batch_size or self._config.eval_batch_size, split, limit=limit)
+    source = {'val': self._val, 'train': self._train}[split]
+    return self._imagenet.eval_batches(self._config, source, self.mean, protocol,
+                                       batch_size or self._config.eval_batch_size, limit=limit)

@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
   One run for every dataset: the input (input_pipeline.py) is the only part that differs between the in-memory
   datasets and the streamed ones. Every check of the config, the data and the workdir runs before anything is
   written: a mistake leaves the workdir as it was. A run killed at any point and started again with the same
-  command ends as if never interrupted (for the streamed input, see `resumes_exactly` there). Every step and
+  command ends as if never interrupted (the streamed input's position is saved with each checkpoint). Every step and
   evaluation is traced under config.matmul_precision."""
   if config.matmul_precision not in train.MATMUL_PRECISIONS:  # before jax's own, longer message
     train.validate(config, 1)
@@ -162,11 +162,12 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     train.check_memory(config, step_fn.lower(template, *next(inp.train_inputs(0))).compile(), local)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
-  state, start_step = ckpt.restore_latest(template, report=print if is_main else lambda _: None)
+  state, start_step, data_state = ckpt.restore_latest(template, report=print if is_main else lambda _: None)
   if not start_step:
     model, state = train.create_model_and_state(config, mesh)
   elif is_main:
     print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
+  inputs = inp.train_inputs(start_step, data_state)  # refuses a checkpoint of other data, before any write
   distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
   if is_main:
     _write_config(config_path, config)
@@ -176,11 +177,11 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
         _write_config(os.path.join(out, 'config.json'), single_seed_config(config, seed))
     _announce(config, workdir, inp.description, mesh.devices.size)
 
-  inputs = inp.train_inputs(start_step)
   return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
                    lambda state: step_fn(state, *next(inputs)),
                    lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)
-                                        for k in range(config.num_seeds)])
+                                        for k in range(config.num_seeds)],
+                   inp.iterator_state)
 
 
 def seed_workdirs(config, workdir: str) -> list:
@@ -242,9 +243,10 @@ def _split_seeds(tree, num_seeds: int) -> list:
 
 
 def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, next_state,
-              eval_rows) -> dict:
+              eval_rows, data_state=lambda: None) -> dict:
   """The training loop: `next_state(state)` takes one step, `eval_rows(state, step)` returns the evaluation
-  entries of a metrics line per seed. Logging, evaluation, checkpoint cadence, non-finite checks, signals and the
+  entries of a metrics line per seed, `data_state()` the input's iterator state after the last step (saved with
+  its checkpoint). Logging, evaluation, checkpoint cadence, non-finite checks, signals and the
   final plot live here once. `replicated` is the sharding of the state. Each seed has its own metrics lines (in
   `seed_workdirs`); the returned metrics are the last line's (per seed under 'seeds' when there are several)."""
   seeds, multi = train.replica_seeds(config), config.num_seeds > 1
@@ -291,7 +293,7 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
         # Never checkpoint a broken state.
         for seed, sums in zip(seeds, _split_seeds(jax.device_get(state.train_sums), config.num_seeds)):
           _check_nonfinite(config, sums, step, ckpt, log_point=False, seed=seed if multi else None)
-        ckpt.save(state, force=bool(stop.signal))
+        ckpt.save(state, force=bool(stop.signal), data_state=data_state())
       if stop.signal and not final:
         ckpt.wait()
         if is_main:

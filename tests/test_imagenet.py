@@ -1,14 +1,15 @@
 """ImageNet: the streaming input pipeline, the testing protocols, BN recalibration and torchvision weights.
 
 Everything runs on a tiny generated image folder (3 classes, JPEGs of several sizes) and small images (32 instead
-of 224), so the real pipeline code is tested without ImageNet. TensorFlow and torch tests skip with the reason
-when those packages are missing.
+of 224), so the real pipeline code is tested without ImageNet, and without TensorFlow. The torch tests skip with the
+reason when torch is missing.
 """
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +18,12 @@ import pytest
 from PIL import Image
 
 from resnet_jax import (bn_recalibration, checkpoint, config_base, evaluate, imagenet_input, input_pipeline,
-                        metrics_io, models, torchvision_weights, train)
+                        metrics_io, models, torchvision_weights, train, trainer)
+import faults
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TF = importlib.util.find_spec('tensorflow') is not None
 HAS_TORCH = importlib.util.find_spec('torch') is not None
-needs_tf = pytest.mark.skipif(not HAS_TF, reason="tensorflow is not installed (pip install -e '.[tfds]')")
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason='torch is not installed (pip install torch)')
 
 CLASSES = ('ant', 'bee', 'cow')
@@ -74,93 +74,124 @@ def _read_image(path):
 # ---------------------------------------------------------------------------------------------------------------
 # The input pipeline.
 
-@pytest.mark.slow
-@needs_tf
-def test_train_stream_shapes_dtypes_and_labels(folder):
+def _streamed(c):
+  return input_pipeline.StreamedInput(c, train.make_mesh())
+
+
+def _record(path):
+  with open(path, 'rb') as f:
+    return {'image': f.read(), 'label': 0, 'name': str(path)}
+
+
+def test_train_stream_shapes_dtypes_labels_and_hosts(folder):
   c = tiny_imagenet_config(folder)
-  mean = imagenet_input.input_mean(c.data)
-  assert mean.shape == (32, 32, 3)
-  seen = set()
-  for images, labels in imagenet_input.train_dataset(c, mean).take(4).as_numpy_iterator():
+  inp = _streamed(c)
+  assert inp.mean.shape == (32, 32, 3) and inp.class_names == list(CLASSES)
+  stream = inp.host_batches(0)
+  batches = [next(stream) for _ in range(4)]
+  for images, labels in batches:
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
     assert labels.shape == (8,) and labels.dtype == np.int32
-    seen |= set(labels.tolist())
-  assert seen == {0, 1, 2}
-  # The cached stream (encoded bytes kept in memory) yields the same kind of batches.
-  cached = tiny_imagenet_config(folder, **{'data.cache': 'memory', 'data.shuffle_buffer': 12})
-  for images, labels in imagenet_input.train_dataset(cached, mean).take(3).as_numpy_iterator():
-    assert images.shape == (8, 32, 32, 3) and set(labels.tolist()) <= {0, 1, 2}
+  assert stream.get_state() == {imagenet_input.POSITION_KEY: 32}
+  # Each epoch (12 positions) is a permutation of the 12 training images: every label 4 times.
+  labels = np.concatenate([y for _, y in batches])
+  for epoch in range(2):
+    assert sorted(labels[12 * epoch:12 * epoch + 12].tolist()) == sorted([0, 1, 2] * 4)
   # The mean image is the mean of the training images' centre views.
-  views = [b['images'][b['mask'] > 0] for b in imagenet_input.eval_batches(c, np.zeros(3, np.float32), 'center', 4,
-                                                                            split='train')]
-  np.testing.assert_allclose(mean, np.concatenate(views).mean(0), atol=1e-3)
-  # Two hosts each stream half the batch.
-  images, labels = next(imagenet_input.train_dataset(c, mean, process_index=1, process_count=2).as_numpy_iterator())
-  assert images.shape == (4, 32, 32, 3)
+  views = np.concatenate([b['images'][b['mask'] > 0] for b in inp.eval_batches('train')])
+  np.testing.assert_allclose(views.mean(0), 0.0, atol=1e-3)
+  # Two hosts each read half of each global batch, and together exactly the one-host batch.
+  hosts = [imagenet_input.train_iterator(c, inp._train, inp.mean, 8, process_index=i, process_count=2)
+           for i in range(2)]
+  parts = [next(h) for h in hosts]
+  assert [p[0].shape for p in parts] == [(4, 32, 32, 3)] * 2
+  key = lambda xs: sorted(x.tobytes() for x in xs)
+  assert key(np.concatenate([p[0] for p in parts])) == key(batches[1][0])
+  with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
+    imagenet_input.train_iterator(c, inp._train, inp.mean, 0, process_index=0, process_count=3)
 
 
-@needs_tf
+def test_batches_depend_on_seed_and_position_only(folder):
+  c = tiny_imagenet_config(folder)
+  inp = _streamed(c)
+  a = inp.host_batches(0)
+  first = [next(a) for _ in range(5)]
+  resumed = inp.host_batches(3)  # a run resumed at step 3 reads batches 3 and 4 again, bit for bit
+  for k in (3, 4):
+    images, labels = next(resumed)
+    np.testing.assert_array_equal(images, first[k][0])
+    np.testing.assert_array_equal(labels, first[k][1])
+  other = _streamed(tiny_imagenet_config(folder, seed=1)).host_batches(0)
+  assert not np.array_equal(next(other)[0], first[0][0])  # another seed, another stream
+
+
+@pytest.mark.slow
+def test_worker_processes_do_not_change_the_batches(folder):
+  one = _streamed(tiny_imagenet_config(folder)).host_batches(2)
+  two = _streamed(tiny_imagenet_config(folder, **{'data.workers': 2, 'data.read_threads': 1})).host_batches(2)
+  for _ in range(3):
+    (x1, y1), (x2, y2) = next(one), next(two)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+  assert two.get_state() == one.get_state() == {imagenet_input.POSITION_KEY: 40}
+
+
 def test_scale_augmentation_window_lies_in_range_and_inside_the_image():
-  import tensorflow as tf
+  c = tiny_imagenet_config('unused')
   lo, hi, crop = 32, 48, 32
   shorters = []
   for (h, w) in SIZES:
     for i in range(60):
-      shorter, nh, nw, top, left = (int(v) for v in imagenet_input.sample_crop_window(
-          h, w, tf.constant([i, 7], tf.int64), (lo, hi), crop))
-      assert lo <= shorter <= hi and min(nh, nw) == shorter
-      assert abs(max(nh, nw) / shorter - max(h, w) / min(h, w)) < 0.05  # aspect ratio kept
+      d = imagenet_input.train_draws(np.random.default_rng([0, 1, i]), h, w, c.data)
+      (nh, nw), top, left = d['size'], d['top'], d['left']
+      assert lo <= d['shorter'] <= hi and min(nh, nw) == d['shorter']
+      assert abs(max(nh, nw) / d['shorter'] - max(h, w) / min(h, w)) < 0.05  # aspect ratio kept
       assert 0 <= top <= nh - crop and 0 <= left <= nw - crop
-      shorters.append(shorter)
+      shorters.append(d['shorter'])
   assert min(shorters) == lo and max(shorters) == hi  # both ends of the range are drawn
 
 
-@needs_tf
 def test_train_view_is_the_resized_image_cropped_at_the_sampled_window(folder):
-  import tensorflow as tf
-  c = tiny_imagenet_config(folder, **{'data.random_flip': False, 'data.lighting_std': 0.0})
-  path = str(folder / 'train' / 'bee' / 'bee_3.JPEG')  # 50x80
-  raw = tf.io.read_file(path)
-  image = imagenet_input.decode(raw)
-  pil = _read_image(path)
-  assert image.shape == pil.shape == (50, 80, 3)
-  assert np.abs(image.numpy().astype(float) - pil).mean() < 4  # two JPEG decoders: close, not bit-identical
-  for i in range(5):
-    seed = tf.constant([i, 3], tf.int64)
-    view = imagenet_input.train_view(raw, seed, c.data, tf.zeros((3,))).numpy()
-    w_seed = tf.random.experimental.stateless_split(seed, 3)[0]
-    shorter, _, _, top, left = (int(v) for v in imagenet_input.sample_crop_window(50, 80, w_seed, (32, 48), 32))
-    resized = imagenet_input.resize_shorter(image, shorter).numpy()
-    np.testing.assert_allclose(view, resized[top:top + 32, left:left + 32], atol=1e-4)
-    assert resized.shape[0] == shorter
+  c = tiny_imagenet_config(folder, **{'data.lighting_std': 0.0})
+  path = folder / 'train' / 'cow' / 'cow_3.JPEG'  # 50x80
+  record = _record(path)
+  image = Image.open(path).convert('RGB')
+  flips = set()
+  for i in range(12):
+    view = imagenet_input.train_view(record, np.random.default_rng([5, i]), c.data, 0.0)
+    d = imagenet_input.train_draws(np.random.default_rng([5, i]), 50, 80, c.data)
+    (nh, nw), t, l = d['size'], d['top'], d['left']
+    # The whole image resized (in float, per channel), then cropped: the pipeline resizes only the window, in
+    # 8 bits, so it is within Pillow's rounding (one level) of that.
+    whole = np.stack([np.asarray(ch.convert('F').resize((nw, nh), Image.BILINEAR)) for ch in image.split()], -1)
+    whole = whole[t:t + 32, l:l + 32]
+    assert np.abs(view - (whole[:, ::-1] if d['flip'] else whole)).max() <= 1.0 + 1e-3
+    flips.add(d['flip'])
+  assert flips == {True, False}
 
 
-@needs_tf
-def test_colour_noise_has_the_configured_magnitude():
-  import tensorflow as tf
+def test_colour_noise_has_the_configured_magnitude(tmp_path):
   std = 0.1
-  noise = np.stack([imagenet_input.lighting_noise(tf.constant([i, 11], tf.int64), std).numpy() for i in range(1500)])
+  rng = np.random.default_rng(0)
+  noise = np.stack([imagenet_input.lighting_noise(rng.normal(0, std, 3)) for _ in range(1500)])
   # noise = V (alpha * eigval) * 255 with V orthonormal, so alpha = V^T noise / (eigval * 255) ~ N(0, std).
   alpha = noise @ imagenet_input.IMAGENET_EIGVEC / (imagenet_input.IMAGENET_EIGVAL * 255.0)
   np.testing.assert_allclose(alpha.std(0), std, rtol=0.1)
   np.testing.assert_allclose(alpha.mean(0), 0.0, atol=4 * std / np.sqrt(1500))
   # The noise is one RGB offset per image: a flat image stays flat.
-  c = config_base.imagenet(18)
-  c.data.image_size, c.data.scale_range, c.data.random_flip = 32, (32, 32), False
-  flat = tf.io.encode_png(tf.fill([40, 40, 3], tf.constant(128, tf.uint8)))
-  view = imagenet_input.train_view(flat, tf.constant([1, 2], tf.int64), c.data, tf.zeros((3,))).numpy()
-  c_seed = tf.random.experimental.stateless_split(tf.constant([1, 2], tf.int64), 3)[2]
-  offset = imagenet_input.lighting_noise(c_seed, c.data.lighting_std).numpy()
+  c = tiny_imagenet_config('unused', **{'data.scale_range': (32, 32), 'data.random_flip': False})
+  Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / 'flat.png')
+  view = imagenet_input.train_view(_record(tmp_path / 'flat.png'), np.random.default_rng(2), c.data, 0.0)
+  offset = imagenet_input.lighting_noise(
+      imagenet_input.train_draws(np.random.default_rng(2), 40, 40, c.data)['alpha'] * c.data.lighting_std)
   assert np.abs(offset).max() > 0.01
   np.testing.assert_allclose(view, np.broadcast_to(128 + offset, view.shape), atol=1e-3)
 
 
-@needs_tf
 def test_ten_crops_are_the_corners_centre_and_their_flips():
-  import tensorflow as tf
   h, w, crop = 36, 50, 32
   image = np.arange(h * w * 3, dtype=np.float32).reshape(h, w, 3)  # every pixel distinct
-  views = imagenet_input.ten_crops(tf.constant(image), crop).numpy()
+  views = imagenet_input.ten_crops(image, crop)
   assert views.shape == (10, crop, crop, 3)
   np.testing.assert_array_equal(views[0], image[:crop, :crop])                       # top-left, pixel by pixel
   np.testing.assert_array_equal(views[1], image[:crop, w - crop:])                   # top-right
@@ -172,37 +203,143 @@ def test_ten_crops_are_the_corners_centre_and_their_flips():
   assert len({v.tobytes() for v in views}) == 10
 
 
-@needs_tf
 def test_eval_streams_count_every_image_once_over_hosts(folder):
   c = tiny_imagenet_config(folder)
+  source = imagenet_input.source(c.data, 'val')
   n = len(CLASSES) * VAL_PER_CLASS  # 9, not a multiple of the batch (4) nor of the hosts (2)
   expected = sorted(np.repeat(np.arange(len(CLASSES)), VAL_PER_CLASS).tolist())
+  zero = np.zeros(3, np.float32)
   for protocol, shape in (('center', (4, 32, 32, 3)), ('10crop', (4, 10, 32, 32, 3))):
-    batches = list(imagenet_input.eval_batches(c, np.zeros(3, np.float32), protocol, 4))
+    batches = list(imagenet_input.eval_batches(c, source, zero, protocol, 4))
     assert [b['images'].shape for b in batches] == [shape] * 3
     assert sum(b['mask'].sum() for b in batches) == n
     assert sorted(np.concatenate([b['labels'][b['mask'] > 0] for b in batches]).tolist()) == expected
-  hosts = [list(imagenet_input.eval_batches(c, np.zeros(3, np.float32), 'center', 4, process_index=i,
-                                            process_count=2)) for i in range(2)]
+  hosts = [list(imagenet_input.eval_batches(c, source, zero, 'center', 4, process_index=i, process_count=2))
+           for i in range(2)]
   assert len(hosts[0]) == len(hosts[1])  # the hosts step in lockstep
   labels = [b['labels'][b['mask'] > 0] for h in hosts for b in h]
   assert sorted(np.concatenate(labels).tolist()) == expected
   images = np.concatenate([b['images'][b['mask'] > 0] for h in hosts for b in h])
   assert len({im.tobytes() for im in images}) == n  # nine different images, none twice
+  multi = list(imagenet_input.eval_batches(c, source, zero, 'multiscale', 4))
+  assert len(multi) == n and all(b['images_40'].shape[1:3] in ((40, 56), (53, 40), (40, 40), (40, 64))
+                                 for b in multi)
 
 
-@needs_tf
+def test_mean_is_sampled_over_the_whole_training_split(folder):
+  picked = imagenet_input.mean_sample(1000, 100)
+  assert len(set(picked.tolist())) == 100 and picked.min() < 100 and picked.max() > 900  # not the first files
+  np.testing.assert_array_equal(imagenet_input.mean_sample(12, 0), np.arange(12))
+  c = tiny_imagenet_config(folder, **{'data.mean_examples': 6})
+  source = imagenet_input.source(c.data, 'train')
+  idx = imagenet_input.mean_sample(len(source), 6)
+  assert len(set(source.labels[idx].tolist())) > 1  # more than the first class
+  views = [imagenet_input.center_view(source[int(i)], c.data).astype(np.float64) for i in idx]
+  np.testing.assert_allclose(imagenet_input.compute_pixel_mean(c.data, source), np.mean(views, 0), atol=1e-4)
+
+
 def test_missing_data_errors_say_what_to_do(tmp_path):
   c = tiny_imagenet_config(tmp_path / 'nothing')
   with pytest.raises(imagenet_input.DatasetNotFoundError, match='train/<class>/\\*.JPEG'):
-    imagenet_input.split_info(c.data, 'train')
+    imagenet_input.source(c.data, 'train')
   c = tiny_imagenet_config(tmp_path, **{'data.source': 'tfds', 'data.dataset': 'imagenet2012'})
   if importlib.util.find_spec('tensorflow_datasets') is None:
-    pytest.skip('tensorflow-datasets is not installed')
+    with pytest.raises(imagenet_input.DatasetNotFoundError, match='pip install tensorflow-datasets'):
+      imagenet_input.source(c.data, 'train')
+    return
   with pytest.raises(imagenet_input.DatasetNotFoundError) as e:
-    imagenet_input.split_info(c.data, 'train')
-  assert 'ILSVRC2012_img_train.tar' in str(e.value)
+    imagenet_input.source(c.data, 'train')
+  assert 'ILSVRC2012_img_train.tar' in str(e.value) and '--file_format=array_record' in str(e.value)
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in str(e.value)
+  c.data.source = 'lmdb'
+  with pytest.raises(ValueError, match='valid choices: tfds, folder'):
+    imagenet_input.source(c.data, 'train')
+
+
+class _FakeTfds:
+  """Stands in for tensorflow_datasets: a prepared dataset of three encoded images, as `tfds.data_source` reads
+  ArrayRecord files (a random-access sequence of dicts)."""
+
+  def __init__(self, records, file_format='array_record'):
+    import types
+    self.records, self.file_format, self.calls = records, file_format, []
+    self.decode = types.SimpleNamespace(SkipDecoding=lambda: 'skip')
+    fake = self
+
+    class Builder:
+      def __init__(self, name, data_dir=None):
+        self.info = types.SimpleNamespace(
+            file_format=fake.file_format, splits={'train': types.SimpleNamespace(num_examples=len(records)),
+                                                  'validation': types.SimpleNamespace(num_examples=0)},
+            features={'label': types.SimpleNamespace(names=list(CLASSES))})
+
+      def is_prepared(self):
+        return True
+    self.builder = Builder
+
+  def data_source(self, name, split, data_dir, download, decoders):
+    self.calls.append((name, split, decoders))
+    return self.records
+
+
+def test_tfds_array_record_source_reads_encoded_images_by_index(folder, monkeypatch):
+  paths = sorted((folder / 'train').glob('*/*.JPEG'))[:3]
+  records = [{'image': open(p, 'rb').read(), 'label': i, 'file_name': p.name.encode()} for i, p in enumerate(paths)]
+  fake = _FakeTfds(records)
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  c = tiny_imagenet_config('', **{'data.source': 'tfds', 'model.num_classes': 3})
+  source = imagenet_input.source(c.data, 'train')
+  assert len(source) == 3 and source.class_names == list(CLASSES)
+  r = source[2]
+  assert r['label'] == 2 and r['image'] == records[2]['image'] and paths[2].name in r['name']
+  assert fake.calls == [('imagenet2012', 'train', {'image': 'skip'})]  # the images stay encoded
+  view = imagenet_input.center_view(r, c.data)
+  np.testing.assert_array_equal(view, imagenet_input.center_view(_record(paths[2]), c.data))
+  fake.file_format = 'tfrecord'
+  with pytest.raises(imagenet_input.DatasetNotFoundError, match='not ArrayRecord'):
+    imagenet_input.source(c.data, 'train')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input.
+
+def test_an_empty_class_folder_is_named(folder, tmp_path):
+  import shutil
+  root = tmp_path / 'data'
+  shutil.copytree(folder, root)
+  (root / 'train' / 'dog').mkdir()
+  c = tiny_imagenet_config(root)
+  with pytest.raises(ValueError, match=r"hold no images .*\['dog'\]"):
+    imagenet_input.source(c.data, 'train')
+  (root / 'val' / 'dog').mkdir()
+  (root / 'train' / 'dog' / 'a.JPEG').write_bytes((folder / 'train' / 'ant' / 'ant_0.JPEG').read_bytes())
+  assert len(imagenet_input.source(c.data, 'val')) == 9  # a class without validation images is fine
+
+
+def test_a_corrupt_image_stops_the_stream_naming_the_file(folder, tmp_path):
+  import shutil
+  root = tmp_path / 'data'
+  shutil.copytree(folder, root)
+  bad = root / 'train' / 'bee' / 'bee_1.JPEG'
+  bad.write_bytes(bad.read_bytes()[:200])  # truncated in the middle of the image data
+  stream = _streamed(tiny_imagenet_config(root, **{'data.mean': 'none'})).host_batches(0)
+  with pytest.raises(imagenet_input.CorruptImageError, match='bee_1.JPEG.*Replace or remove that file'):
+    for _ in range(3):  # two epochs: the file is read in one of the first three batches
+      next(stream)
+  with pytest.raises(imagenet_input.CorruptImageError, match='bee_1.JPEG'):  # the mean image reads it too
+    _streamed(tiny_imagenet_config(root)).mean
+  assert isinstance(imagenet_input.CorruptImageError('x'), trainer.USER_ERRORS)
+
+
+def test_resuming_on_other_classes_or_examples_is_refused(folder):
+  inp = _streamed(tiny_imagenet_config(folder))
+  saved = {imagenet_input.POSITION_KEY: 16, 'num_examples': 12, 'class_names': list(CLASSES)}
+  assert inp.resume_position(2, saved) == 16
+  assert inp.resume_position(2, None) == 16  # a checkpoint without the state: step x batch, the same position
+  with pytest.raises(ValueError, match=r"missing here: \['bear'\]; new here: \['bee'\]"):
+    inp.resume_position(2, {**saved, 'class_names': ['ant', 'bear', 'cow']})
+  with pytest.raises(ValueError, match='13 training examples; this data source has 12'):
+    inp.resume_position(2, {**saved, 'num_examples': 13})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,24 +354,24 @@ def _resnet8(num_classes=3):
 
 
 @pytest.mark.slow
-@needs_tf
 def test_evaluator_top1_top5_match_a_direct_computation(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
   model, variables = _resnet8(num_classes=7)
   mean = np.zeros(3, np.float32)
-  batches = list(imagenet_input.eval_batches(c, mean, 'center', 4))
+  source = imagenet_input.source(c.data, 'val')
+  batches = list(imagenet_input.eval_batches(c, source, mean, 'center', 4))
   x = np.concatenate([b['images'][b['mask'] > 0] for b in batches])
   y = np.concatenate([b['labels'][b['mask'] > 0] for b in batches])
   log_probs = np.asarray(jax.jit(lambda x: jax.nn.log_softmax(model.apply(variables, x, train=False)))(x))
   order = np.argsort(-log_probs, axis=1)
-  r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, mean, 'center', 4))
+  r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, source, mean, 'center', 4))
   assert r['count'] == 9
   assert r['top1_error'] == pytest.approx(np.mean(order[:, 0] != y))
   assert r['top5_error'] == pytest.approx(np.mean(~np.any(order[:, :5] == y[:, None], 1)))
   assert r['loss'] == pytest.approx(np.mean(-log_probs[np.arange(9), y]), rel=1e-5)
   for protocol in ('10crop', 'multiscale'):
     bs = evaluate.protocol_batch_size(c, protocol, jax.local_device_count())
-    r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, mean, protocol, bs), protocol)
+    r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, source, mean, protocol, bs), protocol)
     assert r['count'] == 9 and 0 <= r['top5_error'] <= r['top1_error'] <= 1
 
 
@@ -454,8 +591,130 @@ def test_torchvision_name_map_is_explicit_and_mismatches_are_named(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: main trains from the folder through the streaming pipeline; the evaluator reads its checkpoint.
 
+# A streamed run of a tiny network on the folder: 6 steps of 8 images, so the 12 training images make 4 epochs and
+# most batches straddle two epochs.
+STREAMED_RUN = ['--config.model.family=cifar', '--config.model.depth=8', '--config.model.num_classes=3',
+                '--config.data.source=folder', '--config.data.image_size=32', '--config.data.scale_range=(32,48)',
+                '--config.data.eval_resize=36', '--config.data.mean_examples=6', '--config.batch_size=8',
+                '--config.bn_group_size=4', '--config.eval_batch_size=4', '--config.num_steps=6',
+                '--config.lr_boundaries=(4,)', '--config.log_every_steps=1', '--config.eval_every_steps=2',
+                '--config.checkpoint_every_steps=2']
+
+
+def _streamed_main(folder, workdir, *extra, fault=None, cache=None, tmp=None):
+  """`python -m resnet_jax.main` (or tests/faults.py with `fault`) on the folder, with TensorFlow made
+  unimportable: a stand-in package that raises ImportError comes first on the path."""
+  blocker = os.path.join(str(tmp or workdir) + '_no_tf', 'tensorflow')
+  os.makedirs(blocker, exist_ok=True)
+  with open(os.path.join(blocker, '__init__.py'), 'w') as f:
+    f.write("raise ImportError('TensorFlow is not installed here')\n")
+  env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, 'XLA_FLAGS')}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             PYTHONPATH=os.pathsep.join([os.path.dirname(blocker), REPO] +
+                                        [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  if fault:
+    env[faults.ENV] = fault
+  command = [os.path.join(REPO, 'tests', 'faults.py')] if fault else ['-m', 'resnet_jax.main']
+  args = [f'--config={REPO}/configs/imagenet_18.py', f'--workdir={workdir}', f'--config.data.data_dir={folder}',
+          *STREAMED_RUN, *extra]
+  # A run takes seconds; a worker process outliving a killed run would hold its output pipes open until the timeout.
+  return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=240)
+
+
+@pytest.fixture(scope='module')
+def streamed_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('streamed_jax_cache')
+
+
+@pytest.fixture(scope='module')
+def streamed_reference(folder, tmp_path_factory, streamed_cache):
+  workdir = tmp_path_factory.mktemp('streamed_reference') / 'run'
+  r = _streamed_main(folder, workdir, cache=streamed_cache)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  return workdir
+
+
+def _run_record(workdir):
+  rows = [{k: v for k, v in r.items() if k != 'examples_per_sec'}
+          for r in metrics_io.read_metrics(str(workdir / 'metrics.jsonl'))]
+  ckpt = checkpoint.Checkpointer(str(workdir))
+  arrays = {jax.tree_util.keystr(p): np.asarray(a).tobytes()
+            for p, a in jax.tree_util.tree_flatten_with_path(ckpt.load_arrays(6))[0]}
+  data_state = ckpt.data_state(6)
+  ckpt.close()
+  return rows, arrays, data_state
+
+
+def _processes_with(marker: str) -> list:
+  """pids of the processes whose environment holds `marker` (a run's processes, its grain workers included)."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        if marker.encode() in f.read():
+          found.append(int(pid))
+    except OSError:
+      pass
+  return found
+
+
 @pytest.mark.slow
-@needs_tf
+@pytest.mark.parametrize('fault, killed_workers, resumed_workers', [('kill@train:5', 2, 0), ('kill@checkpoint:4', 0, 2)])
+def test_streamed_run_killed_anywhere_resumes_to_the_uninterrupted_result(folder, streamed_reference, streamed_cache,
+                                                                       tmp_path, monkeypatch, fault, killed_workers,
+                                                                       resumed_workers):
+  """SIGKILL after step 5 (one step past the checkpoint of step 4), or inside the write of step 4's checkpoint;
+  the same command resumes with another number of decoding worker processes. Every metrics line and the final
+  checkpoint (parameters, BN statistics, momentum, the stream position) equal the uninterrupted run's, and the
+  killed run's worker processes do not outlive it."""
+  workdir = tmp_path / 'run'
+  marker = f'RESNET_JAX_TEST_RUN={tmp_path.name}'
+  monkeypatch.setenv('RESNET_JAX_TEST_RUN', tmp_path.name)
+  killed = _streamed_main(folder, workdir, f'--config.data.workers={killed_workers}', fault=fault,
+                          cache=streamed_cache, tmp=tmp_path)
+  assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-3000:]
+  for _ in range(20):  # orphaned workers notice within a second or two
+    if not _processes_with(marker):
+      break
+    time.sleep(0.5)
+  assert not _processes_with(marker)
+  monkeypatch.delenv('RESNET_JAX_TEST_RUN')
+  with checkpoint.ocp.CheckpointManager(str(workdir / 'checkpoints'),
+                                        options=checkpoint.ocp.CheckpointManagerOptions(read_only=True)) as m:
+    assert list(m.all_steps()) in ([2], [2, 4])  # what the killed run left to resume from
+  resumed = _streamed_main(folder, workdir, f'--config.data.workers={resumed_workers}', cache=streamed_cache,
+                           tmp=tmp_path)
+  assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stdout
+  rows, arrays, data_state = _run_record(workdir)
+  ref_rows, ref_arrays, ref_data_state = _run_record(streamed_reference)
+  assert [r['step'] for r in ref_rows] == [1, 2, 3, 4, 5, 6] and rows == ref_rows
+  assert len(arrays) > 20 and arrays.keys() == ref_arrays.keys()
+  for k in arrays:
+    assert arrays[k] == ref_arrays[k], f'{k} differs'
+  assert data_state == ref_data_state == {imagenet_input.POSITION_KEY: 48, 'num_examples': 12,
+                                          'class_names': list(CLASSES)}
+
+
+@pytest.mark.slow
+def test_streamed_run_refuses_a_checkpoint_of_other_classes(folder, streamed_reference, tmp_path):
+  import shutil
+  root, workdir = tmp_path / 'data', tmp_path / 'run'
+  shutil.copytree(folder, root)
+  shutil.copytree(streamed_reference, workdir)
+  os.rename(root / 'train' / 'bee', root / 'train' / 'bear')
+  os.rename(root / 'val' / 'bee', root / 'val' / 'bear')
+  before = sorted(os.listdir(workdir))
+  r = _streamed_main(root, workdir, '--config.num_steps=8', '--force_resume', tmp=tmp_path)
+  assert r.returncode == 1 and "missing here: ['bee']; new here: ['bear']" in r.stderr, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr and sorted(os.listdir(workdir)) == before
+
+
+@pytest.mark.slow
 def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder, tmp_path):
   workdir = tmp_path / 'run'
   args = [f'--config={REPO}/configs/imagenet_18.py', f'--workdir={workdir}', '--config.model.num_classes=3',
@@ -481,7 +740,6 @@ def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder,
   assert json.load(open(workdir / 'eval_center_step2.json'))['count'] == 9
 
 
-@needs_tf
 def test_bn_recalibration_from_the_training_stream(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
   model, variables = _resnet8()

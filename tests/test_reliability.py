@@ -225,7 +225,7 @@ def _save_steps(workdir, steps):
   ckpt = checkpoint.Checkpointer(str(workdir), keep=5)
   for s in steps:
     state = _State.at(s)
-    ckpt.manager.save(s, args=checkpoint.ocp.args.StandardSave(state),
+    ckpt.manager.save(s, args=checkpoint.ocp.args.Composite(default=checkpoint.ocp.args.StandardSave(state)),
                       custom_metadata={checkpoint.DIGEST_KEY: checkpoint.state_digest(state)})
   ckpt.close()
 
@@ -237,7 +237,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, dama
   damage(str(tmp_path / 'checkpoints' / '3'))
   reports = []
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5)
-  state, step = ckpt.restore_latest(_State.at(0), report=reports.append)
+  state, step, _ = ckpt.restore_latest(_State.at(0), report=reports.append)
   assert step == 2
   for k, v in _State.at(2).items():
     np.testing.assert_array_equal(state[k], v)
@@ -279,7 +279,7 @@ def test_partially_written_checkpoint_is_never_listed(tmp_path):
   os.remove(tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp' / 'commit_success.txt')
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
-  ckpt.manager.save(4, args=checkpoint.ocp.args.StandardSave(_State.at(4)))
+  ckpt.manager.save(4, args=checkpoint.ocp.args.Composite(default=checkpoint.ocp.args.StandardSave(_State.at(4))))
   ckpt.close()
   assert not (tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp').exists()  # removed before the next save
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [1, 2, 4]
