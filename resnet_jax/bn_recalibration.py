@@ -85,4 +85,7 @@ def recalibrate_from_input(config, model, variables, inp, num_examples: int):
                      'augment inside the training step.')
   stream = inp.host_batches(0)
   steps = num_examples // config.batch_size
-  return recalibrate(model, variables, (next(stream)[0] for _ in range(steps)))
+  try:
+    return recalibrate(model, variables, (next(stream)[0] for _ in range(steps)))
+  finally:
+    stream.close()  # stops the decoding threads and worker processes

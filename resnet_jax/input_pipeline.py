@@ -12,6 +12,7 @@ An `Input` answers four questions:
                        a resumed run feeds the batches an uninterrupted one would.
   what to evaluate     `eval_splits()` and `eval_batches(split, protocol, batch_size)`: this process's padded batches
                        {'images', 'labels', 'mask'} of the split, every example once (evaluate.py sums them).
+  when it is done      `close()` stops whatever reads ahead (threads, worker processes).
 
 InMemoryInput (CIFAR, digits; data.py): the whole training set lives on the devices as uint8; the step draws its
 batch from the epoch's permutation and augments it on the device (augment.py), so a step needs no host work.
@@ -70,6 +71,9 @@ class InMemoryInput:
   def iterator_state(self) -> None:
     return None  # batch k is a function of (seed, k): the step is the whole state
 
+  def close(self) -> None:
+    pass
+
   def device_batch(self, step, images, labels, mean, *, seed):
     """The batch of `step` for the replica of `seed`: indices from the epoch's permutation, cropped and flipped on
     the device (each device gathers and augments its own slice of the batch)."""
@@ -127,6 +131,7 @@ class StreamedInput:
     self._workdir = workdir
     self._mean = None
     self._position = None
+    self._host = None
     self.description = f'{self.num_train_examples} images of {config.data.dataset} (streamed)'
     batch = NamedSharding(mesh, train.batch_spec(mesh))
     self.input_shardings = (batch, batch)
@@ -168,6 +173,7 @@ class StreamedInput:
 
   def train_inputs(self, start_step: int, iterator_state: dict | None = None):
     host = self.host_batches(start_step, iterator_state)
+    self._host = host
     self._position = host.get_state()[self._imagenet.POSITION_KEY]
     stream = self._imagenet.prefetch_to_device(host, self.input_shardings[0], self._config.data.prefetch_to_device,
                                                tag=lambda: host.get_state()[self._imagenet.POSITION_KEY])
@@ -185,6 +191,12 @@ class StreamedInput:
       return None
     return {self._imagenet.POSITION_KEY: self._position, 'num_examples': self.num_train_examples,
             'class_names': self.class_names}
+
+  def close(self) -> None:
+    """Stops the training stream's decoding threads and worker processes."""
+    if self._host is not None:
+      self._host.close()
+      self._host = None
 
   def device_batch(self, step, images, labels, *, seed):
     return images, labels  # the host stream is seeded from config.seed (one seed per run: train.validate)

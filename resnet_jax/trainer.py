@@ -177,11 +177,14 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
         _write_config(os.path.join(out, 'config.json'), single_seed_config(config, seed))
     _announce(config, workdir, inp.description, mesh.devices.size)
 
-  return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
-                   lambda state: step_fn(state, *next(inputs)),
-                   lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)
-                                        for k in range(config.num_seeds)],
-                   inp.iterator_state)
+  try:
+    return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
+                     lambda state: step_fn(state, *next(inputs)),
+                     lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)
+                                          for k in range(config.num_seeds)],
+                     inp.iterator_state)
+  finally:
+    inp.close()
 
 
 def seed_workdirs(config, workdir: str) -> list:
