@@ -6,8 +6,9 @@
 `--make_synthetic=N` first writes N ImageNet-like JPEGs (500x375 and 375x500, quality 90, smooth content plus
 noise, ~100 KB each, like the average ImageNet training image) into DATA_DIR/train/<class>/ (10 classes) and one
 per class into DATA_DIR/val; `--synthetic_size=H,W` writes larger ones. The stream is the training pipeline of
-configs/imagenet_50.py (decode, scale augmentation to [256, 480], 224 crop, flip, colour noise, per-pixel mean),
-batches of --batch_size on this host, read by the training process's threads (--workers=0) or by N worker processes.
+configs/imagenet_50.py as the host runs it (decode, scale augmentation to [256, 480], 224 crop, flip, and each
+view's colour-noise offset; the step adds the offset and subtracts the mean on the device), batches of --batch_size
+on this host, read by the training process's threads (--workers=0) or by N worker processes.
 """
 import os
 import time
@@ -52,8 +53,7 @@ def main(argv):
   c.data.workers, c.data.read_threads, c.data.jpeg_dct_scaling = _WORKERS.value, _THREADS.value, _DCT.value
   c.batch_size = _BATCH.value
   source = imagenet_input.source(c.data, 'train')
-  mean = np.full((224, 224, 3), 115.0, np.float32)  # the mean's value does not change the cost
-  it = imagenet_input.train_iterator(c, source, mean, process_index=0, process_count=1)
+  it = imagenet_input.train_iterator(c, source, process_index=0, process_count=1)
   for _ in range(2):
     next(it)
   t, cpu = time.perf_counter(), time.process_time()

@@ -83,9 +83,12 @@ def recalibrate_from_input(config, model, variables, inp, num_examples: int):
   if not config.data.streaming:
     raise ValueError('--recalibrate_bn needs the streamed input (config.data.streaming): the in-memory datasets '
                      'augment inside the training step.')
+  from resnet_jax import imagenet_input
   stream = inp.host_batches(0)
   steps = num_examples // config.batch_size
+  mean = np.asarray(inp.mean, np.float32)
   try:
-    return recalibrate(model, variables, (next(stream)[0] for _ in range(steps)))
+    return recalibrate(model, variables, (imagenet_input.finish(images, noise, mean)
+                                          for images, noise, _ in (next(stream) for _ in range(steps))))
   finally:
     stream.close()  # stops the decoding threads and worker processes

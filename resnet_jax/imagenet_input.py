@@ -10,7 +10,8 @@ Training view (each step a named `config.data` option; the defaults are the pape
   decode -> shorter side resized to a random integer in `scale_range` ([256, 480], "scale augmentation" [41])
   -> random `image_size` (224) crop -> random horizontal flip (`random_flip`) -> AlexNet PCA colour noise with the
   standard ImageNet eigenvalues/eigenvectors (`lighting_std`, 0.1) -> mean subtraction (`mean`: 'per_pixel', the
-  paper's "per-pixel mean subtracted"; or 'per_channel'; or 'none').
+  paper's "per-pixel mean subtracted"; or 'per_channel'; or 'none'). The host does everything up to the flip and
+  draws the colour noise; the training step adds the noise and subtracts the mean on the device (`finish`).
 Test views (Sec. 3.4): 'center' (the 224 centre crop of the image resized to `eval_resize` = 256), '10crop' (four
   corners and centre of that image and their flips) and 'multiscale' (the whole image, shorter side in
   `multiscale_sizes`, for the fully-convolutional evaluation in evaluate.py).
@@ -254,19 +255,32 @@ def train_draws(rng: np.random.Generator, height: int, width: int, data_config) 
           'alpha': rng.normal(0.0, 1.0, 3).astype(np.float32)}
 
 
-def train_view(record, rng: np.random.Generator, data_config, mean) -> np.ndarray:
-  """One training example (float32 (crop, crop, 3)): scale augmentation, crop, flip, colour noise, mean."""
+def train_crop(record, rng: np.random.Generator, data_config):
+  """One training example as the host prepares it: the uint8 (crop, crop, 3) view (scale augmentation, crop, flip)
+  and its float32 (3,) colour-noise offset. `finish` adds the offset and subtracts the mean, on the device in
+  training (a quarter of the bytes to copy, and no float work on the host)."""
   crop = data_config.image_size
   image = open_image(record)
   w = train_draws(rng, image.height, image.width, data_config)
   nh, nw = w['size']
   draft = (nw, nh) if data_config.jpeg_dct_scaling else None
-  x = resized_window(decode(record, image, draft), nh, nw, w['top'], w['left'], crop, crop).astype(np.float32)
+  x = resized_window(decode(record, image, draft), nh, nw, w['top'], w['left'], crop, crop)
   if data_config.random_flip and w['flip']:
     x = x[:, ::-1]
-  if data_config.lighting_std:
-    x = x + lighting_noise(w['alpha'] * data_config.lighting_std)
-  return np.ascontiguousarray(x - mean, np.float32)
+  noise = (lighting_noise(w['alpha'] * data_config.lighting_std) if data_config.lighting_std
+           else np.zeros((3,), np.float32))
+  return np.ascontiguousarray(x), noise
+
+
+def finish(images, noise, mean, xp=np):
+  """float32 training views from `train_crop`'s parts: uint8 images (..., H, W, 3) plus their colour-noise offsets
+  (..., 3), minus the mean; `xp` is numpy on the host or jax.numpy inside the step."""
+  return images.astype(xp.float32) + noise[..., None, None, :] - mean
+
+
+def train_view(record, rng: np.random.Generator, data_config, mean) -> np.ndarray:
+  """One training example (float32 (crop, crop, 3)): scale augmentation, crop, flip, colour noise, mean."""
+  return finish(*train_crop(record, rng, data_config), np.asarray(mean, np.float32))
 
 
 def ten_crops(image: np.ndarray, crop: int) -> np.ndarray:
@@ -343,10 +357,11 @@ def _exit_with_parent() -> None:
 
 
 class TrainView:
-  """Position p of the shuffled, repeated index stream (example `index`) -> (float32 view, int32 label)."""
+  """Position p of the shuffled, repeated index stream (example `index`) -> (uint8 view, float32 colour-noise
+  offset, int32 label): `train_crop`'s parts."""
 
-  def __init__(self, source, data_config, mean, seed: int):
-    self.source, self.data_config, self.mean, self.seed = source, data_config, np.asarray(mean, np.float32), seed
+  def __init__(self, source, data_config, seed: int):
+    self.source, self.data_config, self.seed = source, data_config, seed
 
   def __setstate__(self, state):  # unpickled: in a grain worker process
     self.__dict__.update(state)
@@ -356,15 +371,16 @@ class TrainView:
     epoch = position // len(self.source)
     rng = np.random.default_rng([self.seed, epoch, int(index)])
     record = self.source[int(index)]
-    return train_view(record, rng, self.data_config, self.mean), np.int32(record['label'])
+    return (*train_crop(record, rng, self.data_config), np.int32(record['label']))
 
 
-def train_stream(config, source, mean):
-  """The global training stream as a grain MapDataset: position p -> (view, label) (see the module's doc)."""
+def train_stream(config, source):
+  """The global training stream as a grain MapDataset: position p -> (uint8 view, noise, label) (see the module's
+  doc)."""
   grain = _grain()
   seed = config.seed % 2**32
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()  # a new permutation every epoch
-  return ds.map_with_index(TrainView(source, config.data, mean, seed))
+  return ds.map_with_index(TrainView(source, config.data, seed))
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -373,11 +389,12 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def train_iterator(config, source, mean, position: int = 0, process_index: int | None = None,
+def train_iterator(config, source, position: int = 0, process_index: int | None = None,
                    process_count: int | None = None):
-  """This process's training batches (float32 (b, crop, crop, 3), int32 (b,)), b = batch_size / process_count,
-  from global stream position `position` (a multiple of batch_size at a step boundary). `get_state()` gives the
-  position after the last batch taken."""
+  """This process's training batches (uint8 (b, crop, crop, 3) views, float32 (b, 3) colour-noise offsets, int32
+  (b,) labels; `finish` makes the float32 inputs), b = batch_size / process_count, from global stream position
+  `position` (a multiple of batch_size at a step boundary). `get_state()` gives the position after the last batch
+  taken."""
   grain = _grain()
   d = config.data
   check_data_config(d)
@@ -389,7 +406,7 @@ def train_iterator(config, source, mean, position: int = 0, process_index: int |
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a notebook or a test has parsed none
       flags.FLAGS.mark_as_parsed()
   it = grain.experimental.ElasticIterator(
-      train_stream(config, source, mean), config.batch_size, grain.sharding.ShardOptions(pi, pc),
+      train_stream(config, source), config.batch_size, grain.sharding.ShardOptions(pi, pc),
       # The elements here are whole batches: each thread prepares one, and as many are buffered.
       read_options=grain.ReadOptions(num_threads=read_threads(d), prefetch_buffer_size=read_threads(d)),
       multiprocessing_options=grain.MultiprocessingOptions(num_workers=d.workers) if d.workers else None)

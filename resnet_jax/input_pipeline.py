@@ -17,14 +17,16 @@ An `Input` answers four questions:
 InMemoryInput (CIFAR, digits; data.py): the whole training set lives on the devices as uint8; the step draws its
 batch from the epoch's permutation and augments it on the device (augment.py), so a step needs no host work.
 
-StreamedInput (ImageNet; imagenet_input.py): batches are decoded and augmented on the host by a grain pipeline,
-each process reading its share, and fed to the devices a few steps ahead. The step takes them as they are. Its
+StreamedInput (ImageNet; imagenet_input.py): batches are decoded, scaled, cropped and flipped on the host by a
+grain pipeline, each process reading its share, and fed to the devices a few steps ahead as uint8; the step adds each
+view's colour noise and subtracts the mean image. Its
 `iterator_state()` (the stream position after the batch the step took last) is saved with each checkpoint and given
 back to `train_inputs(start_step, iterator_state)` on resume.
 """
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -134,7 +136,9 @@ class StreamedInput:
     self._host = None
     self.description = f'{self.num_train_examples} images of {config.data.dataset} (streamed)'
     batch = NamedSharding(mesh, train.batch_spec(mesh))
-    self.input_shardings = (batch, batch)
+    # uint8 views, their colour-noise offsets and labels, a batch a step; the mean image, placed once.
+    self.input_shardings = (batch, batch, batch, NamedSharding(mesh, P()))
+    self._mean_on_devices = None
 
   @property
   def mean(self) -> np.ndarray:
@@ -166,9 +170,10 @@ class StreamedInput:
     return int(iterator_state[self._imagenet.POSITION_KEY])
 
   def host_batches(self, start_step: int, iterator_state: dict | None = None):
-    """This process's share of each training batch from `start_step` on, as numpy (images, labels); its
-    `get_state()` is the stream position after the last batch taken."""
-    return self._imagenet.train_iterator(self._config, self._train, self.mean,
+    """This process's share of each training batch from `start_step` on, as numpy (uint8 images, colour-noise
+    offsets, labels) (`imagenet_input.finish` makes the float32 images); its `get_state()` is the stream position
+    after the last batch taken."""
+    return self._imagenet.train_iterator(self._config, self._train,
                                          self.resume_position(start_step, iterator_state))
 
   def train_inputs(self, start_step: int, iterator_state: dict | None = None):
@@ -178,10 +183,13 @@ class StreamedInput:
     stream = self._imagenet.prefetch_to_device(host, self.input_shardings[0], self._config.data.prefetch_to_device,
                                                tag=lambda: host.get_state()[self._imagenet.POSITION_KEY])
 
+    if self._mean_on_devices is None:
+      self._mean_on_devices = jax.device_put(np.asarray(self.mean, np.float32), self.input_shardings[3])
+
     def inputs():
       for arrays, position in stream:
         self._position = position  # the batch handed to the step: its position is what a checkpoint records
-        yield arrays
+        yield (*arrays, self._mean_on_devices)
     return inputs()
 
   def iterator_state(self) -> dict | None:
@@ -198,8 +206,10 @@ class StreamedInput:
       self._host.close()
       self._host = None
 
-  def device_batch(self, step, images, labels, *, seed):
-    return images, labels  # the host stream is seeded from config.seed (one seed per run: train.validate)
+  def device_batch(self, step, images, noise, labels, mean, *, seed):
+    """The host-augmented batch with its colour noise added and the mean subtracted; the stream is seeded from
+    config.seed (one seed per run: train.validate)."""
+    return self._imagenet.finish(images, noise, mean, jnp), labels
 
   def eval_splits(self) -> tuple:
     return ('val',) if self._val is not None else ()

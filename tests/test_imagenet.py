@@ -89,26 +89,31 @@ def test_train_stream_shapes_dtypes_labels_and_hosts(folder):
   assert inp.mean.shape == (32, 32, 3) and inp.class_names == list(CLASSES)
   stream = inp.host_batches(0)
   batches = [next(stream) for _ in range(4)]
-  for images, labels in batches:
-    assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
+  for images, noise, labels in batches:
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8  # a quarter of float32's bytes to copy
+    assert noise.shape == (8, 3) and noise.dtype == np.float32 and np.abs(noise).max() > 0
     assert labels.shape == (8,) and labels.dtype == np.int32
   assert stream.get_state() == {imagenet_input.POSITION_KEY: 32}
+  # The step's batch: noise added and the mean subtracted on the device, as the host reference does it.
+  step_inputs = next(inp.train_inputs(1))
+  x, y = jax.jit(lambda *a: inp.device_batch(1, *a, seed=0))(*step_inputs)
+  np.testing.assert_allclose(np.asarray(x), imagenet_input.finish(*batches[1][:2], inp.mean), atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(y), batches[1][2])
   # Each epoch (12 positions) is a permutation of the 12 training images: every label 4 times.
-  labels = np.concatenate([y for _, y in batches])
+  labels = np.concatenate([y for _, _, y in batches])
   for epoch in range(2):
     assert sorted(labels[12 * epoch:12 * epoch + 12].tolist()) == sorted([0, 1, 2] * 4)
   # The mean image is the mean of the training images' centre views.
   views = np.concatenate([b['images'][b['mask'] > 0] for b in inp.eval_batches('train')])
   np.testing.assert_allclose(views.mean(0), 0.0, atol=1e-3)
   # Two hosts each read half of each global batch, and together exactly the one-host batch.
-  hosts = [imagenet_input.train_iterator(c, inp._train, inp.mean, 8, process_index=i, process_count=2)
-           for i in range(2)]
+  hosts = [imagenet_input.train_iterator(c, inp._train, 8, process_index=i, process_count=2) for i in range(2)]
   parts = [next(h) for h in hosts]
   assert [p[0].shape for p in parts] == [(4, 32, 32, 3)] * 2
   key = lambda xs: sorted(x.tobytes() for x in xs)
   assert key(np.concatenate([p[0] for p in parts])) == key(batches[1][0])
   with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
-    imagenet_input.train_iterator(c, inp._train, inp.mean, 0, process_index=0, process_count=3)
+    imagenet_input.train_iterator(c, inp._train, 0, process_index=0, process_count=3)
 
 
 def test_batches_depend_on_seed_and_position_only(folder):
@@ -118,9 +123,8 @@ def test_batches_depend_on_seed_and_position_only(folder):
   first = [next(a) for _ in range(5)]
   resumed = inp.host_batches(3)  # a run resumed at step 3 reads batches 3 and 4 again, bit for bit
   for k in (3, 4):
-    images, labels = next(resumed)
-    np.testing.assert_array_equal(images, first[k][0])
-    np.testing.assert_array_equal(labels, first[k][1])
+    for a, b in zip(next(resumed), first[k]):
+      np.testing.assert_array_equal(a, b)
   other = _streamed(tiny_imagenet_config(folder, seed=1)).host_batches(0)
   assert not np.array_equal(next(other)[0], first[0][0])  # another seed, another stream
 
@@ -130,9 +134,8 @@ def test_worker_processes_do_not_change_the_batches(folder):
   one = _streamed(tiny_imagenet_config(folder)).host_batches(2)
   two = _streamed(tiny_imagenet_config(folder, **{'data.workers': 2, 'data.read_threads': 1})).host_batches(2)
   for _ in range(3):
-    (x1, y1), (x2, y2) = next(one), next(two)
-    np.testing.assert_array_equal(x1, x2)
-    np.testing.assert_array_equal(y1, y2)
+    for a, b in zip(next(one), next(two)):
+      np.testing.assert_array_equal(a, b)
   assert two.get_state() == one.get_state() == {imagenet_input.POSITION_KEY: 40}
 
 

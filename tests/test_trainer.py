@@ -45,8 +45,8 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     f.write('{"step": 5, "train_loss": 123.0}\n')
   trainer.train_and_evaluate(tiny_config(), str(part), force_resume=True)  # ... and resumes to step 6
   assert _rows(full) == _rows(part)
-  a = checkpoint.Checkpointer(str(full)).manager.restore(6)
-  b = checkpoint.Checkpointer(str(part)).manager.restore(6)
+  a = checkpoint.Checkpointer(str(full)).load_arrays(6)
+  b = checkpoint.Checkpointer(str(part)).load_arrays(6)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)
 
