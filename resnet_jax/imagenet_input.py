@@ -343,9 +343,10 @@ _WATCHING_PARENT = []
 def _exit_with_parent() -> None:
   """In a grain worker process: exit as soon as the process that started it is gone. A training process killed
   with SIGKILL runs no clean-up, and its workers would otherwise live on, holding memory and cores."""
-  if _WATCHING_PARENT:
-    return
+  import multiprocessing
   import threading
+  if _WATCHING_PARENT or multiprocessing.parent_process() is None:
+    return  # watching already, or not a worker: a training process whose shell goes away must not stop
   parent = os.getppid()
 
   def watch():
