@@ -166,8 +166,9 @@ class Checkpointer:
         **{STATE_ITEM: ocp.args.StandardRestore(template)}))[STATE_ITEM]
 
   def restore_latest(self, template, report=print):
-    """(state, step, data_state) from the newest intact checkpoint, or (template, 0, None) when there is none. Damaged checkpoints
-    newer than it are reported and moved to `damaged_directory`; NoUsableCheckpointError if all are damaged."""
+    """(state, step, data_state) from the newest intact checkpoint, or (template, 0, None) when there is none.
+    Damaged checkpoints newer than it are reported and moved to `damaged_directory`; NoUsableCheckpointError if all
+    are damaged."""
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):
       try:

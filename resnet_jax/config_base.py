@@ -142,7 +142,8 @@ def imagenet(depth: int, residual: bool = True) -> ml_collections.ConfigDict:
   c.data.dataset = 'imagenet2012'
   c.data.image_size = 224           # Sec. 3.4: "a 224x224 crop is randomly sampled"
   # The streaming input pipeline (imagenet_input.py): grain from disk, `source` 'folder' (DIR/train/<class>/*.JPEG,
-  # DIR/val/<class>/*) or 'tfds' (prepared as ArrayRecord). Each augmentation is one option; the defaults are Sec. 3.4's.
+  # DIR/val/<class>/*) or 'tfds' (prepared as ArrayRecord). Each augmentation is one option; the defaults are
+  # Sec. 3.4's.
   c.data.streaming = True
   c.data.scale_range = (256, 480)   # Sec. 3.4: shorter side "randomly sampled in [256, 480] for scale augmentation"
   c.data.mean = 'per_pixel'         # Sec. 3.4: "per-pixel mean subtracted"; 'per_channel' | 'none'

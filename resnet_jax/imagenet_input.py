@@ -319,8 +319,7 @@ def eval_view(record, data_config, mean, protocol: str):
 # grain pipelines.
 
 def check_data_config(d) -> None:
-  if d.source not in SOURCES:
-    raise ValueError(f'Unknown streaming data source {d.source!r}; valid choices: {", ".join(SOURCES)}.')
+  """The streamed input's options, checked before any file is read (the source is checked by `source`)."""
   lo, hi = d.scale_range
   if not 0 < lo <= hi or lo < d.image_size:
     raise ValueError(f'config.data.scale_range={tuple(d.scale_range)} must satisfy image_size ({d.image_size}) <= '

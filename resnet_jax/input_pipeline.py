@@ -195,7 +195,7 @@ class StreamedInput:
   def iterator_state(self) -> dict | None:
     """The stream's state after the last batch the step took, for the checkpoint of that step: the position, and
     what the position means (the classes, the number of examples)."""
-    if not isinstance(self._position, int):
+    if self._position is None:  # no stream started
       return None
     return {self._imagenet.POSITION_KEY: self._position, 'num_examples': self.num_train_examples,
             'class_names': self.class_names}

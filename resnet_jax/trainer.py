@@ -168,16 +168,15 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
   elif is_main:
     print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
   inputs = inp.train_inputs(start_step, data_state)  # refuses a checkpoint of other data, before any write
-  distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
-  if is_main:
-    _write_config(config_path, config)
-    for seed, out in zip(train.replica_seeds(config), seed_workdirs(config, workdir)):
-      if out != workdir:  # each seed's outputs as the run of that seed alone would record them
-        os.makedirs(out, exist_ok=True)
-        _write_config(os.path.join(out, 'config.json'), single_seed_config(config, seed))
-    _announce(config, workdir, inp.description, mesh.devices.size)
-
   try:
+    distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
+    if is_main:
+      _write_config(config_path, config)
+      for seed, out in zip(train.replica_seeds(config), seed_workdirs(config, workdir)):
+        if out != workdir:  # each seed's outputs as the run of that seed alone would record them
+          os.makedirs(out, exist_ok=True)
+          _write_config(os.path.join(out, 'config.json'), single_seed_config(config, seed))
+      _announce(config, workdir, inp.description, mesh.devices.size)
     return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
                      lambda state: step_fn(state, *next(inputs)),
                      lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)

@@ -666,7 +666,8 @@ def _processes_with(marker: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('fault, killed_workers, resumed_workers', [('kill@train:5', 2, 0), ('kill@checkpoint:4', 0, 2)])
+@pytest.mark.parametrize('fault, killed_workers, resumed_workers',
+                         [('kill@train:5', 2, 0), ('kill@checkpoint:4', 0, 2)])
 def test_streamed_run_killed_anywhere_resumes_to_the_uninterrupted_result(folder, streamed_reference, streamed_cache,
                                                                        tmp_path, monkeypatch, fault, killed_workers,
                                                                        resumed_workers):
