@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -161,32 +162,48 @@ def macs_per_image(model, image_size, device):
 
 
 class CifarData:
-  """The training set on the device as uint8 NHWC; the step's batch is gathered and augmented there."""
+  """A CIFAR training set on the device as uint8 NHWC; each step's batch is gathered and augmented there.
 
-  def __init__(self, n, size, batch, device, pad=4, seed=0):
+  The batch of step k is a function of (seed, k) alone: epoch e's order comes from a generator seeded with
+  (seed, 0, e), step k's crops and flips from one seeded with (seed, 1, k). So a trainer that resumes at step k
+  draws exactly the batches an uninterrupted run would, without saving any generator state."""
+
+  def __init__(self, images, labels, batch, device, pad=4, seed=0):
+    images = torch.as_tensor(images)
+    self.images = images.to(device)                                          # (N, H, W, C) uint8
+    self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+    self.mean = images.double().mean(0).float().to(device)                   # the per-pixel mean (H, W, C)
+    self.n, self.size, self.batch, self.pad, self.device = len(images), images.shape[1], batch, pad, device
+    self.steps_per_epoch = self.n // batch                                   # the last partial batch is dropped
+    self.seed, self.step, self._epoch, self._perm = seed, 0, None, None
+
+  @classmethod
+  def random(cls, n, size, batch, device, pad=4, seed=0):
+    """Random images and labels: the same work per step as real data, for timing."""
     g = torch.Generator().manual_seed(seed)
-    self.images = torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8).to(device)
-    self.labels = torch.randint(0, 10, (n,), generator=g).to(device)
-    self.mean = torch.full((size, size, 3), 127.5, device=device)
-    self.n, self.size, self.batch, self.pad, self.device = n, size, batch, pad, device
-    self.steps_per_epoch = n // batch
-    self.perm, self.step = None, 0
+    images = torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
+    return cls(images, torch.randint(0, 10, (n,), generator=g), batch, device, pad, seed)
+
+  def _generator(self, stream, index):
+    key = int(np.random.SeedSequence((self.seed, stream, index)).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=self.device).manual_seed(key)
 
   def next(self):
-    within = self.step % self.steps_per_epoch
-    if within == 0:
-      self.perm = torch.randperm(self.n, device=self.device)
-    idx = self.perm[within * self.batch:(within + 1) * self.batch]
+    epoch, within = divmod(self.step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch, self._perm = epoch, torch.randperm(self.n, device=self.device, generator=self._generator(0, epoch))
+    idx = self._perm[within * self.batch:(within + 1) * self.batch]
+    g = self._generator(1, self.step)
     self.step += 1
     x = self.images[idx].float() - self.mean                          # (B, H, W, C)
     p, s, b = self.pad, self.size, self.batch
     x = F.pad(x, (0, 0, p, p, p, p))                                   # zero border = the mean image
-    off = torch.randint(0, 2 * p + 1, (b, 2), device=self.device)
+    off = torch.randint(0, 2 * p + 1, (b, 2), device=self.device, generator=g)
     ar = torch.arange(s, device=self.device)
     rows = (off[:, 0:1] + ar)[:, :, None]                              # (B, S, 1)
     cols = (off[:, 1:2] + ar)[:, None, :]                              # (B, 1, S)
     x = x[torch.arange(b, device=self.device)[:, None, None], rows, cols]   # per-example crop (B, S, S, C)
-    flip = torch.rand(b, device=self.device) < 0.5
+    flip = torch.rand(b, device=self.device, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(2), x)
     return x.permute(0, 3, 1, 2), self.labels[idx]                     # NCHW view of NHWC memory
 
@@ -227,7 +244,7 @@ def run(net='cifar', depth=20, batch=128, mode='eager', amp='none', channels_las
   model = model.to(memory_format=memory_format)
   kwargs = {'fused': True} if device.type == 'cuda' else {'foreach': True}
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, **kwargs)
-  data = (CifarData(examples, size, batch, device) if net == 'cifar' else PoolData(pool, size, batch, device))
+  data = (CifarData.random(examples, size, batch, device) if net == 'cifar' else PoolData(pool, size, batch, device))
   amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
   scaler = torch.amp.GradScaler(device.type) if amp == 'fp16' else None
   fwd = torch.compile(model) if mode == 'compile' else model

@@ -46,6 +46,20 @@ class Run:
   note: str
   device: str
   rows: list
+  trainer: str = 'resnet_jax'  # which code trained it: 'resnet_jax', or 'pytorch' (benchmarks/pytorch_cifar.py)
+  examples: dict = dataclasses.field(default_factory=dict)  # {'train': N, 'val': n, 'test': m} as the run recorded
+
+  @property
+  def label(self) -> str:
+    """The net, and the trainer where it is not ours: 'resnet-20', 'resnet-20 (pytorch)'."""
+    return self.net if self.trainer == 'resnet_jax' else f'{self.net} ({self.trainer})'
+
+  @property
+  def best(self):
+    """(lowest held-out error %, its step) over the run's evaluations: chosen on the held-out split itself, so it
+    flatters the run; the final error is the honest number."""
+    evals = [(100 * r[f'{self.split}_error'], r['step']) for r in self.rows if f'{self.split}_error' in r]
+    return min(evals) if evals else (None, None)
 
   @property
   def finished(self) -> bool:
@@ -65,6 +79,11 @@ def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
   """The run in `workdir`; its net and seed come from its config.json."""
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
+  examples = {}
+  data_record = os.path.join(workdir, DATA_RECORD)
+  if os.path.exists(data_record):
+    with open(data_record) as f:
+      examples = {k[:-len('_examples')]: v for k, v in json.load(f).items() if k.endswith('_examples')}
   rows = metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   info = sweep.read_run_info(workdir)
   program = os.path.dirname(os.path.abspath(workdir))
@@ -90,10 +109,11 @@ def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
              steps_run=steps_run, error=error,
              train_error=100 * trains[-1]['train_error'] if trains else None, split=split, protocol=protocol,
              wall_seconds=info.get('wall_seconds'), note=info.get('note', ''), device=info.get('device', ''),
-             rows=rows)
+             rows=rows, trainer=config.get('trainer', 'resnet_jax'), examples=examples)
 
 
 RUN_FILES = ('config.json', 'metrics.jsonl')
+DATA_RECORD = 'data.json'  # the example counts per split a run recorded (resnet_jax's trainer and the PyTorch one)
 
 
 def find_runs(runs_dir: str) -> list:
@@ -123,7 +143,7 @@ def collect(runs_dir: str) -> dict:
     else:
       experiment, experiment_dir = os.path.basename(os.path.abspath(runs_dir)), runs_dir
     run = load_run(experiment, experiment_dir, workdir)
-    out.setdefault(experiment, {}).setdefault(run.net, []).append(run)
+    out.setdefault(experiment, {}).setdefault(run.label, []).append(run)
   for nets in out.values():
     for runs in nets.values():
       runs.sort(key=lambda r: (r.seed, r.workdir))
@@ -157,7 +177,7 @@ def _row(net: str, runs: list, status: str) -> str:
   first = runs[0]
   protocols = sorted({r.protocol for r in runs})
   ours = f'{_best_mean_std(errors)} ({", ".join(protocols)})' if errors else 'no evaluation yet'
-  ref = paper.paper_reference(first.dataset, first.family, net)
+  ref = paper.paper_reference(first.dataset, first.family, first.net)
   if ref is not None:
     value, table, protocol = ref
     ref_s = f'{value:.2f} ({table}, {protocol})'
@@ -178,8 +198,30 @@ def _row(net: str, runs: list, status: str) -> str:
   seeds = ','.join(str(r.seed) for r in runs)
   notes = [status] + sorted({r.recipe for r in runs if r.recipe != 'full recipe'}) + sorted(
       {r.note for r in runs if r.note})
-  return (f'| {net} | {seeds} | {ours} | {_mean_std(trains) if trains else "—"} | {first.split} | {ref_s} | '
-          f'{diff} | {steps_s} | {wall_s} | {"; ".join(notes)} |')
+  return (f'| {net} | {seeds} | {ours} | {_mean_std(trains) if trains else "—"} | {first.split} | '
+          f'{_examples(runs)} | {ref_s} | {diff} | {steps_s} | {wall_s} | {"; ".join(notes)} |')
+
+
+def _examples(runs) -> str:
+  """'45000 / 5000': training and held-out examples as the runs recorded them; '?' where a run did not record
+  them; several values when runs of one row differ (they should not be compared then)."""
+  show = lambda r, k: str(r.examples[k]) if k in r.examples else '?'
+  return ', '.join(sorted({f'{show(r, "train")} / {show(r, r.split)}' for r in runs}))
+
+
+def _seed_rows(label: str, runs: list) -> list:
+  """One line per seed: final and best held-out error, the training error, the counts, steps and wall time."""
+  lines = []
+  for r in runs:
+    best, at = r.best
+    lines.append(f'| {label} | {r.seed} | {_pct(r.error)} | {_pct(best)}' + (f' (step {at})' if at else '')
+                 + f' | {_pct(r.train_error)} | {r.split} | {_examples([r])} | {r.steps_run} of {r.planned_steps} | '
+                 f'{_fmt_wall(r.wall_seconds)} |')
+  return lines
+
+
+def _pct(value) -> str:
+  return '—' if value is None else f'{value:.2f}'
 
 
 def _reference_notes(nets, runs) -> list:
@@ -226,9 +268,9 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
               f'Dataset: {", ".join(sorted({r.dataset for r in all_runs}))}; recipe: '
               f'{"; ".join(sorted({r.recipe for r in all_runs}))}; hardware: {", ".join(devices) or "not recorded"}.',
               '',
-              '| net | seeds | held-out error: best (mean ± std, n) | train error | split | paper | ours − paper | steps | wall time '
-              '(per run) | status |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+              '| net | seeds | held-out error: best (mean ± std, n) | train error | split | examples: train / held-out '
+              '| paper | ours − paper | steps | wall time (per run) | status |',
+              '|---|---|---|---|---|---|---|---|---|---|---|']
     for net in sorted(nets, key=plots_order):
       runs = nets[net]
       done = [r for r in runs if r.finished]
@@ -238,8 +280,14 @@ def render(runs_dir: str, out_path: str, plot: bool = True) -> str:
       if cut:
         lines.append(_row(net, cut, 'CUT SHORT: ' + ', '.join(
             f'seed {r.seed} stopped at step {r.steps_run} of {r.planned_steps}' for r in cut)))
+    lines += ['', 'Per seed (final: the last evaluation; best: the lowest evaluation of the run, chosen on the held-out '
+              'split itself, so it flatters):', '',
+              '| net | seed | final error | best error | train error | split | examples: train / held-out | steps | '
+              'wall time |', '|---|---|---|---|---|---|---|---|---|']
+    for net in sorted(nets, key=plots_order):
+      lines += _seed_rows(net, nets[net])
     lines.append('')
-    lines += _reference_notes(sorted(nets, key=plots_order), all_runs)
+    lines += _reference_notes(sorted({r.net for r in all_runs}, key=plots_order), all_runs)
     if plot:
       curves = {net: [r.rows for r in rs if r.rows] for net, rs in nets.items()}  # every seed
       fig6 = os.path.join(exp_dir, 'fig6.png')

@@ -11,7 +11,8 @@ An `Input` answers four questions:
                        a function of (seed, k)); `train_inputs(start_step, iterator_state)` continues from it, so
                        a resumed run feeds the batches an uninterrupted one would.
   what to evaluate     `eval_splits()` and `eval_batches(split, protocol, batch_size)`: this process's padded batches
-                       {'images', 'labels', 'mask'} of the split, every example once (evaluate.py sums them).
+                       {'images', 'labels', 'mask'} of the split, every example once (evaluate.py sums them);
+                       `split_sizes()` the number of examples of the training split and of each held-out one.
   when it is done      `close()` stops whatever reads ahead (threads, worker processes).
 
 InMemoryInput (CIFAR, digits; data.py): the whole training set lives on the devices as uint8; the step draws its
@@ -87,6 +88,9 @@ class InMemoryInput:
 
   def eval_splits(self) -> tuple:
     return tuple(self._splits)
+
+  def split_sizes(self) -> dict:
+    return {'train': self.num_train_examples, **{s: len(labels) for s, (_, labels) in self._splits.items()}}
 
   def eval_batches(self, split: str, protocol: str = 'center', batch_size: int = 0, limit: int = 0):
     if protocol != 'center':
@@ -213,6 +217,9 @@ class StreamedInput:
 
   def eval_splits(self) -> tuple:
     return ('val',) if self._val is not None else ()
+
+  def split_sizes(self) -> dict:
+    return {'train': self.num_train_examples, **({'val': len(self._val)} if self._val is not None else {})}
 
   def eval_batches(self, split: str, protocol: str = 'center', batch_size: int = 0, limit: int = 0):
     source = {'val': self._val, 'train': self._train}[split]

@@ -98,6 +98,19 @@ def _write_config(config_path: str, config) -> None:
   os.replace(config_path + '.tmp', config_path)
 
 
+DATA_RECORD = 'data.json'  # what the run trains and is evaluated on: example counts per split, class names
+
+
+def _data_record(inp) -> dict:
+  return {f'{split}_examples': n for split, n in inp.split_sizes().items()} | {'class_names': inp.class_names}
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
 def _check_nonfinite(config, sums: dict, step: int, ckpt, log_point: bool, seed: int | None = None) -> int:
   """Raises NonFiniteLossError (naming the step and the last good checkpoint) if a step since the last log point
   was not finite under nonfinite_loss='stop', or, at a log point under 'skip', if every step of the window was
@@ -172,10 +185,12 @@ def _run(config, workdir: str, force_resume: bool, devices) -> dict:
     distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
     if is_main:
       _write_config(config_path, config)
+      _write_json(os.path.join(workdir, DATA_RECORD), _data_record(inp))
       for seed, out in zip(train.replica_seeds(config), seed_workdirs(config, workdir)):
         if out != workdir:  # each seed's outputs as the run of that seed alone would record them
           os.makedirs(out, exist_ok=True)
           _write_config(os.path.join(out, 'config.json'), single_seed_config(config, seed))
+          _write_json(os.path.join(out, DATA_RECORD), _data_record(inp))
       _announce(config, workdir, inp.description, mesh.devices.size)
     return _run_loop(config, workdir, ckpt, state, start_step, is_main, NamedSharding(mesh, P()),
                      lambda state: step_fn(state, *next(inputs)),

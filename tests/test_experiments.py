@@ -219,7 +219,7 @@ def test_report_puts_ours_next_to_the_paper_and_labels_cut_runs(tmp_path):
   assert '| 7.00 (single view) |' in done and '| 6.97 (Table 6, single view) | +0.03 |' in done
   # No paper number for plain nets; a validation error is labelled as such.
   plain = next(l for l in lines if l.startswith('| plain-20 |'))
-  assert '| val | — | — |' in plain and '0m59s' in plain
+  assert '| val | ? / ? | — | — |' in plain and '0m59s' in plain
   assert "reduced recipe: 200 of the paper's 64000 steps" in plain
   assert 'no paper recipe for digits' in text and 'embedded digits' in text
   assert 'hardware: 1 x H100 (gpu)' in text
