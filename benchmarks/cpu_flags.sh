@@ -13,12 +13,12 @@ for flags in "" "--xla_cpu_use_onednn=true" "--xla_cpu_use_onednn=true --xla_cpu
   XLA_FLAGS="$flags" $JAX_PY - <<'PYEOF'
 import collections, re
 import jax
-from resnet_jax import benchmark, config_base, train
+from resnet_jax import benchmark, config_base, mesh as mesh_lib, train_step
 c = config_base.cifar(20)
-mesh = train.make_mesh()
-inp = benchmark._synthetic_input(c, mesh, examples=1000)
-model, state = train.create_model_and_state(c, mesh)
-txt = train.make_train_step(c, model, mesh, inp).lower(state, *next(inp.train_inputs(0))).compile().as_text()
+mesh = mesh_lib.make_mesh()
+inp = benchmark.synthetic_input(c, mesh, examples=1000)
+model, state = train_step.create_model_and_state(c, mesh)
+txt = train_step.make_train_step(c, model, mesh, inp).lower(state, *next(inp.train_inputs(0))).compile().as_text()
 calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', txt))
 print('  compiled step: %d plain convolutions, %d library (__ynn/__xnn/__onednn) fusions, custom calls %s' % (
     len(re.findall(r'\bconvolution\(', txt)), len(re.findall(r'calls=%?__(?:ynn|xnn|onednn)', txt))

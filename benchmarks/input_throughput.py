@@ -16,7 +16,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from resnet_jax import config_base, imagenet_input
+from resnet_jax import config_base, data_sources, streams
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Image folder (DIR/train/<class>/*.JPEG).')
 _MAKE = flags.DEFINE_integer('make_synthetic', 0, 'Write this many synthetic training JPEGs first.')
@@ -52,8 +52,8 @@ def main(argv):
   c.data.source, c.data.data_dir = 'folder', _DATA_DIR.value
   c.data.workers, c.data.read_threads, c.data.jpeg_dct_scaling = _WORKERS.value, _THREADS.value, _DCT.value
   c.batch_size = _BATCH.value
-  source = imagenet_input.source(c.data, 'train')
-  it = imagenet_input.train_iterator(c, source, process_index=0, process_count=1)
+  source = data_sources.streamed_source(c.data, 'train')
+  it = streams.train_iterator(c, source, process_index=0, process_count=1)
   for _ in range(2):
     next(it)
   t, cpu = time.perf_counter(), time.process_time()
@@ -65,7 +65,7 @@ def main(argv):
   # machine was.
   print(f'{n / dt:.1f} images/s, {n / dcpu:.1f} images per CPU-second of the training process ({_STEPS.value} '
         f'batches of {_BATCH.value}, {len(source)} files, workers={_WORKERS.value}, '
-        f'read_threads={imagenet_input.read_threads(c.data)}, jpeg_dct_scaling={_DCT.value}, {os.cpu_count()} CPUs, '
+        f'read_threads={streams.read_threads(c.data)}, jpeg_dct_scaling={_DCT.value}, {os.cpu_count()} CPUs, '
         f'load average {os.getloadavg()[0]:.1f})', flush=True)
   it.close()  # stops grain's worker processes
 

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from resnet_jax import config_base, imagenet_input
+from resnet_jax import config_base, image_ops
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Image folder (DIR/train/<class>/*.JPEG).')
 _FILES = flags.DEFINE_integer('files', 200, 'Images to decode per repeat.')
@@ -59,7 +59,7 @@ def main(argv):
   c = config_base.imagenet(50)
   rng = np.random.default_rng(0)
   sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
-  draws = [imagenet_input.train_draws(rng, h, w, c.data) for (w, h) in sizes]
+  draws = [image_ops.train_draws(rng, h, w, c.data) for (w, h) in sizes]
   print(f'{len(blobs)} files of {np.mean([len(b) for b in blobs]) / 1e3:.0f} KB on average, the first '
         f'{sizes[0][0]}x{sizes[0][1]}; one thread; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
   for name, decode in _decoders().items():
@@ -72,7 +72,7 @@ def main(argv):
       t = time.perf_counter()
       for b, d in zip(blobs, draws):
         im = decode(b, d['size'][::-1])
-        imagenet_input.resized_window(im, *d['size'], d['top'], d['left'], 224, 224)
+        image_ops.resized_window(im, *d['size'], d['top'], d['left'], 224, 224)
       best_view = min(best_view, (time.perf_counter() - t) / len(blobs))
     print(f'{name:15s} decode {1e3 * best_dec:6.2f} ms/image   view {1e3 * best_view:6.2f} ms/image '
           f'({1 / best_view:5.0f} images/s per core)')

@@ -25,10 +25,10 @@ line every 100 iterations and an evaluation every 2,000 (the resnet_jax configs'
 Writes into the workdir what `python -m resnet_jax.main` writes there, with the same keys at the same steps, so
 `python -m experiments.report` and its Fig. 6 plot put both side by side: metrics.jsonl (step, lr, train_loss,
 train_error, examples_per_sec at log points; val_loss/val_error and test_loss/test_error at evaluation points),
-config.json (with "trainer": "pytorch"), data.json (examples per split, class names), run_info.json (wall time over every invocation, device), and
-checkpoint.pt, written atomically at every evaluation and on SIGTERM/SIGINT. Started again with the same flags it
-resumes from there, with the batches an uninterrupted run would draw; other flags on a workdir with a checkpoint
-are refused. Exit status 0 when done, 3 when stopped by a signal (resumable), 1 with one error line.
+config.json (with "trainer": "pytorch"), data.json (examples per split, class names), run_info.json (wall time
+over every invocation, device), and checkpoint.pt, written atomically at every evaluation and on SIGTERM/SIGINT.
+Started again with the same flags it resumes from there, with the batches an uninterrupted run would draw; other
+flags on a workdir with a checkpoint are refused. Exit status 0 when done, 3 when stopped by a signal (resumable), 1 with one error line.
 """
 import argparse
 import json
@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_reference import CifarData, ResNet, _he_normal_  # noqa: E402
+from pytorch_reference import CifarData, ResNet, he_normal_  # noqa: E402
 
 PAPER_STEPS, PAPER_BOUNDARIES = 64_000, (32_000, 48_000)
-EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
+EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 STOPPED = 3
 
 
@@ -197,7 +197,7 @@ def train(args) -> int:
 
   torch.manual_seed(args.seed)
   model = ResNet('cifar', args.depth, len(data['classes']))
-  _he_normal_(model.head.weight)
+  he_normal_(model.head.weight)
   model = model.to(device).to(memory_format=torch.channels_last)
   kwargs = {'fused': True} if device.type == 'cuda' else {'foreach': True}
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, **kwargs)

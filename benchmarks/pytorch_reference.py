@@ -36,7 +36,7 @@ IMAGENET_STAGES = {18: ([2, 2, 2, 2], False), 34: ([3, 4, 6, 3], False), 50: ([3
                    101: ([3, 4, 23, 3], True), 152: ([3, 8, 36, 3], True)}
 
 
-def _he_normal_(w):
+def he_normal_(w):
   nn.init.kaiming_normal_(w, mode='fan_in', nonlinearity='relu')  # std sqrt(2 / fan_in), as ours
 
 
@@ -133,7 +133,7 @@ class ResNet(nn.Module):
     self.head = nn.Linear(cin, num_classes)
     for m in self.modules():
       if isinstance(m, nn.Conv2d):
-        _he_normal_(m.weight)
+        he_normal_(m.weight)
 
   def forward(self, x):
     x = self.blocks(self.stem(x))

@@ -1,8 +1,10 @@
 """Fig. 7: the standard deviation of every 3x3 layer's response, after BN and before the ReLU or the addition.
 
-  python -m experiments.fig7 runs/table6 [--nets plain-20,plain-56,resnet-20,resnet-56,resnet-110] [--seed 0]
+  python -m experiments.fig7 runs/table6 [--nets plain-20,plain-56,resnet-20,resnet-56,resnet-110] [--seed 0] \
+      [--set data.data_dir=DIR]
 
-For each finished (or checkpointed) run of the experiment folder, restores the last checkpoint and runs the test
+For each finished (or checkpointed) run of the experiment folder, reads the run's own config.json (`--set` changes
+only the fields it names, e.g. where the data now lives), restores the last checkpoint and runs the test
 split (the validation split where the dataset has no test split) through the network in evaluation mode, with the
 `intermediates` collection mutable, so `models.py` sows every 3x3 conv's BN output as `bn_3x3`, the first layer's
 included (scanned stages too). The images go through the evaluation core of resnet_jax.evaluate. Writes fig7.json
@@ -26,7 +28,7 @@ from experiments import sweep
 FIG7_JSON, FIG7_PNG = 'fig7.json', 'fig7.png'
 
 
-def _layer_order(intermediates) -> list:
+def layer_order(intermediates) -> list:
   """The sown `bn_3x3` arrays in network order: the first layer, then stage, block, position within the block.
   Scanned stages (`scan_blocks`) sow one array per position with a leading block axis: it is split into blocks."""
   found = []
@@ -55,7 +57,7 @@ def make_moments_fn(model):
     out = []
     mask = batch['mask']
     m = mask[:, None, None, None]
-    for y in _layer_order(state['intermediates']):
+    for y in layer_order(state['intermediates']):
       y = y.astype(jnp.float32)
       n = jnp.sum(mask) * y.shape[1] * y.shape[2]
       out.append((jnp.sum(y * m, axis=(0, 1, 2)), jnp.sum(y * y * m, axis=(0, 1, 2)), n))
@@ -82,17 +84,17 @@ def layer_stds(model, variables, batches) -> np.ndarray:
   return np.asarray(stds)
 
 
-def run_stds(workdir: str, data_cache: dict | None = None) -> dict:
+def run_stds(workdir: str, data_cache: dict | None = None, overrides: dict | None = None) -> dict:
   """Restores the latest checkpoint of a trainer workdir and measures its layer stds on the test split (the
   validation split where there is no test split)."""
-  from resnet_jax import checkpoint, evaluate, input_pipeline, train
+  from resnet_jax import checkpoint, errors, evaluate, input_pipeline, mesh as mesh_lib, run_record
 
-  config = checkpoint.load_config(workdir)
-  mesh = train.make_mesh()
+  config = sweep.apply_overrides(run_record.load_config(workdir), overrides or {})
+  mesh = mesh_lib.make_mesh()
   key = json.dumps(config.data.to_dict(), sort_keys=True)
   cache = data_cache if data_cache is not None else {}
   if key not in cache:
-    cache[key] = input_pipeline.InMemoryInput(config, mesh)
+    cache[key] = input_pipeline.create(config, mesh)
   inp = cache[key]
   splits = inp.eval_splits()
   if not splits:
@@ -100,7 +102,7 @@ def run_stds(workdir: str, data_cache: dict | None = None) -> dict:
   split = 'test' if 'test' in splits else splits[0]
   try:
     model, state, step = checkpoint.restore_from_workdir(config, workdir, mesh)
-  except checkpoint.CheckpointNotFoundError as e:
+  except errors.CheckpointNotFoundError as e:
     raise ValueError(f'{e} Train the run first.') from e
   stds = layer_stds(model, evaluate.local_variables(state), inp.eval_batches(split))
   return {'stds': stds.tolist(), 'split': split, 'step': int(step), 'depth': config.model.depth,
@@ -160,13 +162,13 @@ def _net_sort_key(net: str):
   return (kind, int(depth.group()) if depth else 0, rest)
 
 
-def analyse(experiment_dir: str, nets=None, seed: int = 0, log=print) -> dict:
+def analyse(experiment_dir: str, nets=None, seed: int = 0, log=print, overrides: dict | None = None) -> dict:
   runs = find_runs(experiment_dir, nets, seed)
   if not runs:
     raise FileNotFoundError(f'No runs (net/seed{seed}/config.json) under {experiment_dir}.')
   cache, results = {}, {}
   for net, workdir in runs.items():
-    results[net] = run_stds(workdir, cache)
+    results[net] = run_stds(workdir, cache, overrides)
     log(f'{net}: {len(results[net]["stds"])} layers, mean std {np.mean(results[net]["stds"]):.3f} '
         f'({results[net]["split"]} split, step {results[net]["step"]})')
   with open(os.path.join(experiment_dir, FIG7_JSON), 'w') as f:
@@ -181,10 +183,13 @@ def main(argv=None):
   parser.add_argument('experiment_dir', help='An experiment folder, e.g. runs/table6.')
   parser.add_argument('--nets', default='', help='Comma-separated nets (default: every net with a run).')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='Change a field of each run\'s recorded config, e.g. --set data.data_dir=DIR where the '
+                           'data has moved. Repeatable.')
   args = parser.parse_args(argv)
   nets = [n for n in args.nets.split(',') if n]
   try:
-    analyse(args.experiment_dir, nets, args.seed)
+    analyse(args.experiment_dir, nets, args.seed, overrides=sweep.parse_overrides(args.set))
   except sweep.USER_ERRORS as e:
     sys.exit(f'error: {e}')
   print(f'wrote {os.path.join(args.experiment_dir, FIG7_PNG)} and {FIG7_JSON}')

@@ -24,7 +24,7 @@ import sys
 import ml_collections
 
 from experiments import paper, plots, sweep
-from resnet_jax import metrics_io
+from resnet_jax import metrics_io, run_record
 
 
 @dataclasses.dataclass
@@ -77,10 +77,9 @@ class Run:
 
 def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
   """The run in `workdir`; its net and seed come from its config.json."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
+  config = run_record.read_config(workdir)
   examples = {}
-  data_record = os.path.join(workdir, DATA_RECORD)
+  data_record = os.path.join(workdir, run_record.DATA_FILE)
   if os.path.exists(data_record):
     with open(data_record) as f:
       examples = {k[:-len('_examples')]: v for k, v in json.load(f).items() if k.endswith('_examples')}
@@ -112,8 +111,7 @@ def load_run(experiment: str, experiment_dir: str, workdir: str) -> Run:
              rows=rows, trainer=config.get('trainer', 'resnet_jax'), examples=examples)
 
 
-RUN_FILES = ('config.json', 'metrics.jsonl')
-DATA_RECORD = 'data.json'  # the example counts per split a run recorded (resnet_jax's trainer and the PyTorch one)
+RUN_FILES = (run_record.CONFIG_FILE, 'metrics.jsonl')
 
 
 def find_runs(runs_dir: str) -> list:

@@ -1,6 +1,6 @@
 """A resumable sweep: a list of (experiment, net, seed, config) runs, each in its own trainer workdir.
 
-RUNS_DIR/<experiment>/<net>/seed<k>/ holds what `resnet_jax.trainer.train_and_evaluate` writes (metrics.jsonl,
+RUNS_DIR/<experiment>/<net>/seed<k>/ holds what `resnet_jax.train_loop.train_and_evaluate` writes (metrics.jsonl,
 config.json, checkpoints/, curves.png) plus run_info.json: the wall time summed over every invocation that worked on
 the run. Running a sweep again skips the finished runs and resumes the unfinished ones from their last checkpoint
 (the trainer resumes by itself; this module decides what to start and keeps the books).
@@ -15,13 +15,13 @@ import json
 import os
 import time
 
-from resnet_jax import data, metrics_io
+from resnet_jax import errors, metrics_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, 'configs')
 RUN_INFO = 'run_info.json'
 # Mistakes in a config, the data or the runs folder: the commands print one line for these, not a stack trace.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, data.DatasetNotFoundError)
+USER_ERRORS = errors.USER_ERRORS + (TypeError, FileNotFoundError)
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
   """Runs every spec not yet finished. Returns {workdir: 'skipped' | 'finished' | 'stopped' | 'diverged' | status
   for dry runs}. Stops at the first run that was stopped by a signal."""
   import jax
-  from resnet_jax import trainer  # imports jax; kept out of module import so --help and dry runs stay light
+  from resnet_jax import train_loop  # imports jax; kept out of module import so --help and dry runs stay light
 
   results = {}
   for spec in specs:
@@ -151,21 +151,22 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
     info.update(experiment=spec.experiment, net=spec.net, seed=spec.seed, num_seeds=spec.config.num_seeds,
                 note=spec.note,
                 planned_steps=spec.config.num_steps)
-    info['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})'
     info.setdefault('wall_seconds', 0.0)
     info.setdefault('invocations', 0)
     t0 = time.time()
     outcome = 'error'  # what run_info says if the trainer raises anything else (the exception propagates)
     try:
-      last = trainer.train_and_evaluate(spec.config, workdir)
+      last = train_loop.train_and_evaluate(spec.config, workdir)
       # A signal ends the run early: the trainer says so ('stopped_by_signal'), or its last step is short.
       stopped = last.get('stopped_by_signal') or last.get('step', spec.config.num_steps) < spec.config.num_steps
       outcome = 'stopped' if stopped else 'finished'
-    except trainer.NonFiniteLossError as e:
+    except errors.NonFiniteLossError as e:
       log(f'[diverged] {workdir}: {e}')
       outcome = 'diverged'
     finally:
       info['wall_seconds'] += time.time() - t0
+      # Read after the trainer has chosen the devices (JAX's backends start once, with the trainer's choice).
+      info['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})'
       info['invocations'] += 1
       info['last_outcome'] = outcome
       write_run_info(workdir, info)

@@ -1,20 +1,19 @@
 """Table 3: ImageNet shortcut options. plain-34, ResNet-34 with options A, B and C, and ResNet-50 (option B).
 
-  # On ImageNet (needs the ImageNet input pipeline, resnet_jax/imagenet_input.py, and the data it reads):
+  # On ImageNet (an image folder or tfds ArrayRecord, docs/imagenet.md):
   python -m experiments.table3 --runs_dir runs [--set data.data_dir=/path/to/imagenet] [--steps N]
   # Without ImageNet: the same five nets on a small image folder DIR/train/<class>/*.jpg (DIR/test/ optional),
   # at a small resolution and a shortened recipe; the report says it is not ImageNet and compares nothing:
   python -m experiments.table3 --runs_dir runs --subset_dir DIR [--image_size 64] [--steps 1000]
 
 Each net is a configs/imagenet_*.py (the paper's Sec. 3.4 recipe) with the shortcut option overridden where
-Table 3 varies it; every run goes through resnet_jax.trainer.train_and_evaluate, so it resumes where it stopped.
+Table 3 varies it; every run goes through resnet_jax.train_loop.train_and_evaluate, so it resumes where it stopped.
 The paper's Table 3 errors are 10-crop. A training run evaluates the centre crop, and the report labels that number
 'centre crop' beside the paper's '10-crop'; for the paper's protocol, evaluate the finished run's workdir with
-`python -m resnet_jax.evaluate --config=... --workdir=RUN --protocol=10crop`, and the report uses that error instead
+`python -m resnet_jax.evaluate --workdir=RUN --protocol=10crop`, and the report uses that error instead
 (labelled '10-crop'). The subset runs compare nothing with the paper: they show the five nets train, at toy scale.
 """
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -72,13 +71,6 @@ def make_specs(nets, seeds, steps: int = 0, overrides: dict | None = None, subse
   return specs
 
 
-def check_imagenet_pipeline() -> None:
-  if importlib.util.find_spec('resnet_jax.imagenet_input') is None:
-    raise ValueError('Table 3 on ImageNet needs the ImageNet input pipeline (resnet_jax/imagenet_input.py), which '
-                     'this checkout lacks. Without it, run the five nets on a small image folder: '
-                     '--subset_dir DIR with DIR/train/<class>/*.jpg.')
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sweep.add_common_flags(parser)
@@ -87,8 +79,6 @@ def main(argv=None):
   parser.add_argument('--image_size', type=int, default=64, help='Image size for --subset_dir.')
   args = parser.parse_args(argv)
   try:
-    if not args.subset_dir:
-      check_imagenet_pipeline()
     steps = args.steps or (1000 if args.subset_dir else 0)
     specs = make_specs([n for n in args.nets.split(',') if n], sweep.parse_seeds(args.seeds), steps,
                        sweep.parse_overrides(args.set), args.subset_dir, args.image_size)

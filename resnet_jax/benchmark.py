@@ -3,7 +3,7 @@
   python -m resnet_jax.benchmark --config=configs/cifar_20.py [--steps=N] [--repeats=R] [--json]
                                  [--config.model.dtype=bfloat16 ...]
 
-It builds the step of `train.make_train_step` (the one `resnet_jax.main` runs), compiles it once (lowering and
+It builds the step of `train_step.make_train_step` (the one `resnet_jax.main` runs), compiles it once (lowering and
 compile times reported separately), runs `--warmup` steps that are not timed, then `--repeats` timed windows of
 `--steps` steps each, blocking on the result only at the end of a window (as the training loop, which reads the
 device only at log points). The step time is the median over windows.
@@ -26,14 +26,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from resnet_jax import cpu_devices, data, input_pipeline, summary, train
+from resnet_jax import cli, cpu_devices, data, input_pipeline, mesh as mesh_lib, summary, train_step, validation
 
 # Dense peak FLOP/s of the tensor units by device kind and compute dtype (vendor datasheets, no sparsity).
 # float32 on NVIDIA GPUs runs convolutions and matmuls as TF32 under XLA's default precision, so its peak is
@@ -75,7 +74,7 @@ def _block(tree):
   jax.block_until_ready(tree)
 
 
-def _synthetic_input(config, mesh, pool: int = 512, examples: int = 0):
+def synthetic_input(config, mesh, pool: int = 512, examples: int = 0):
   """The in-memory input of the training run over synthetic data of the config's shape."""
   images, labels = synthetic_data(config, pool, examples)
   ds = data.Dataset(train_images=images, train_labels=labels, test_images=None, test_labels=None,
@@ -87,14 +86,14 @@ def compile_only(config, devices=None) -> dict:
   """Lowers and compiles the training step from abstract shapes only (no initialisation, no data): the compile
   cost of a network too deep to train here."""
   config = config.copy_and_resolve_references()
-  mesh = train.make_mesh(devices, config.mesh)
-  train.validate(config, mesh.devices.size)
-  inp = _synthetic_input(config, mesh, examples=config.batch_size)
-  model, state = train.create_model_and_state(config, mesh, abstract=True)
+  mesh = mesh_lib.make_mesh(devices, config.mesh)
+  validation.validate(config, mesh.devices.size)
+  inp = synthetic_input(config, mesh, examples=config.batch_size)
+  model, state = train_step.create_model_and_state(config, mesh, abstract=True)
   spec = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
   args = [spec(a, sh) for a, sh in zip(next(inp.train_inputs(0)), inp.input_shardings)]
   c0, t0 = time.process_time(), time.perf_counter()
-  lowered = train.make_train_step(config, model, mesh, inp).lower(state, *args)
+  lowered = train_step.make_train_step(config, model, mesh, inp).lower(state, *args)
   t1 = time.perf_counter()
   lowered.compile()
   c2, t2 = time.process_time(), time.perf_counter()
@@ -113,15 +112,15 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
   config = config.copy_and_resolve_references() if hasattr(config, 'copy_and_resolve_references') else config
   if config.model.family == 'imagenet':
     config.data.pad = 0  # the pool images are already at the crop size; the flip still runs in the step
-  mesh = train.make_mesh(devices, config.mesh)
+  mesh = mesh_lib.make_mesh(devices, config.mesh)
   num_devices = mesh.devices.size
-  train.validate(config, num_devices)
-  inp = _synthetic_input(config, mesh, pool, examples)
+  validation.validate(config, num_devices)
+  inp = synthetic_input(config, mesh, pool, examples)
   args = next(inp.train_inputs(0))
-  model, state = train.create_model_and_state(config, mesh)
+  model, state = train_step.create_model_and_state(config, mesh)
   _block((state, args))
 
-  step_fn = train.make_train_step(config, model, mesh, inp)
+  step_fn = train_step.make_train_step(config, model, mesh, inp)
   c0, t0 = time.process_time(), time.perf_counter()
   lowered = step_fn.lower(state, *args)
   t1 = time.perf_counter()
@@ -158,7 +157,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
                   bn_group_size=config.bn_group_size, image_size=config.data.image_size,
                   scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled,
                   num_seeds=config.num_seeds,
-                  seed_batching=train.seed_batching(config, mesh) if config.num_seeds > 1 else None),
+                  seed_batching=train_step.seed_batching(config, mesh) if config.num_seeds > 1 else None),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
                   cpu_devices=cpu_devices.describe() if device.platform == 'cpu' else None,
                   host=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
@@ -171,7 +170,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
       # when other processes compete, so it helps tell a real change from contention.
       process_cpu_s_per_step=statistics.median(cpu_windows),
       images_per_sec=images_per_sec,
-      step_memory_bytes=train.step_memory_bytes(compiled),
+      step_memory_bytes=validation.step_memory_bytes(compiled),
       # The device's own peak where it reports one; on the CPU the process's peak resident memory (everything).
       peak_memory_bytes=(stats or {}).get('peak_bytes_in_use') if device.platform != 'cpu' else _peak_rss_bytes(),
       params=params, macs_per_image=macs, model_flops_per_sec=model_flops,
@@ -201,40 +200,33 @@ def format_result(r: dict) -> str:
           f'  memory: step estimate {mib(r["step_memory_bytes"])} per device, peak {mib(r["peak_memory_bytes"])}')
 
 
-# summary.py (imported above for the multiply-add count) already defines --config and --json in this process;
-# absl allows one definition per name, so the benchmark reads those.
-_CONFIG, _JSON = summary._CONFIG, summary._JSON  # pylint: disable=protected-access
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per window.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the step time is their median.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_POOL = flags.DEFINE_integer('pool', 512, 'ImageNet configs: synthetic images kept on the devices.')
-_EXAMPLES = flags.DEFINE_integer('examples', 0, 'CIFAR-family configs: size of the synthetic training set '
-                                 '(0: the dataset\'s, 50,000 for CIFAR-10).')
-_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, 'Only lower and compile the step (from shapes, no '
-                                   'initialisation) and report the times.')
-_NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'Use the first N devices (0: all).')
+def define_flags():
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of the text.')
+  flags.DEFINE_integer('steps', 20, 'Timed steps per window.')
+  flags.DEFINE_integer('repeats', 3, 'Timed windows; the step time is their median.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('pool', 512, 'ImageNet configs: synthetic images kept on the devices.')
+  flags.DEFINE_integer('examples', 0, 'CIFAR-family configs: size of the synthetic training set (0: the dataset\'s, '
+                       '50,000 for CIFAR-10).')
+  flags.DEFINE_bool('compile_only', False, 'Only lower and compile the step (from shapes, no initialisation) and '
+                    'report the times.')
+  flags.DEFINE_integer('num_devices', 0, 'Use the first N devices (0: all).')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/cifar_20.py')
-  cpu_devices.configure(_CONFIG.value)  # before jax.devices() below starts the backends
-  devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
-  if _COMPILE_ONLY.value:
-    result = compile_only(_CONFIG.value, devices)
-    print(json.dumps(result) if _JSON.value else
+def main(config, workdir) -> None:
+  del workdir
+  f = flags.FLAGS
+  cpu_devices.configure(config)  # before jax.devices() below starts the backends
+  devices = jax.devices()[:f.num_devices] if f.num_devices else None
+  if f.compile_only:
+    result = compile_only(config, devices)
+    print(json.dumps(result) if f.json else
           f'compile {result["compile_s"]:.1f} s + lowering {result["lower_s"]:.1f} s '
           f'({result["lower_and_compile_cpu_s"]:.1f} s of process CPU time)', flush=True)
     return
-  try:
-    result = run(_CONFIG.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _POOL.value, _EXAMPLES.value,
-                 devices)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  print(json.dumps(result) if _JSON.value else format_result(result), flush=True)
+  result = run(config, f.steps, f.repeats, f.warmup, f.pool, f.examples, devices)
+  print(json.dumps(result) if f.json else format_result(result), flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, define_flags, workdir_help='A run\'s directory: without --config, time the step of the run it holds.')

@@ -14,9 +14,8 @@ average and not a mean of per-batch variances. Use it from the evaluator: `pytho
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import train
+from resnet_jax import mesh as mesh_lib
 
 
 def batch_moments_fn(model):
@@ -38,19 +37,19 @@ def _leaf_pairs(stats, key):
   return {k: _leaf_pairs(v, key) for k, v in stats.items()}
 
 
-def recalibrate(model, variables, batches, devices=None):
+def recalibrate(model, variables, batches):
   """New variables whose `batch_stats` are the exact statistics of the BN inputs over all examples of `batches`
-  (an iterable of float32 image arrays (B, H, W, 3), B may vary). `params` are unchanged."""
-  devices = np.asarray(devices if devices is not None else jax.local_devices())
-  mesh = Mesh(devices, (train.DATA_AXIS,))
-  replicated = NamedSharding(mesh, P())
+  (an iterable of float32 image arrays (B, H, W, 3), B may vary), computed on this process's devices. `params` are
+  unchanged."""
+  mesh = mesh_lib.local_mesh()
+  replicated = mesh_lib.replicated(mesh)
   variables = jax.device_put(variables, replicated)
   fn = jax.jit(batch_moments_fn(model))
   total, count = None, 0
   for x in batches:
     x = np.asarray(x)
     k = x.shape[0]
-    sharding = NamedSharding(mesh, P(train.DATA_AXIS)) if k % devices.size == 0 else replicated
+    sharding = mesh_lib.batch_sharding(mesh) if k % mesh.devices.size == 0 else replicated
     m = jax.device_get(fn(variables, jax.device_put(x, sharding)))
     m = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) * k, m)
     total = m if total is None else jax.tree_util.tree_map(np.add, total, m)
@@ -75,20 +74,9 @@ def _finish(variables, total, count):
 
 
 def recalibrate_from_input(config, model, variables, inp, num_examples: int):
-  """Recalibrates on `num_examples` training examples drawn through the input's training stream (the paper's
+  """Recalibrates on `num_examples` training examples drawn through the input's training views (the paper's
   augmentation), in batches of config.batch_size (split over the hosts)."""
   if num_examples < config.batch_size:
     raise ValueError(f'--recalibrate_bn={num_examples} is fewer than one batch of config.batch_size='
                      f'{config.batch_size}.')
-  if not config.data.streaming:
-    raise ValueError('--recalibrate_bn needs the streamed input (config.data.streaming): the in-memory datasets '
-                     'augment inside the training step.')
-  from resnet_jax import imagenet_input
-  stream = inp.host_batches(0)
-  steps = num_examples // config.batch_size
-  mean = np.asarray(inp.mean, np.float32)
-  try:
-    return recalibrate(model, variables, (imagenet_input.finish(images, noise, mean)
-                                          for images, noise, _ in (next(stream) for _ in range(steps))))
-  finally:
-    stream.close()  # stops the decoding threads and worker processes
+  return recalibrate(model, variables, inp.training_batches(num_examples // config.batch_size, config.batch_size))

@@ -9,47 +9,25 @@ restores silently with wrong values). Each save therefore records the SHA-256 of
 metadata, and a restore recomputes it. Resuming takes the newest checkpoint that restores and matches its digest;
 newer damaged ones are reported and moved to WORKDIR/checkpoints_damaged/ (kept for inspection, never deleted).
 
-Input position: a streamed input's iterator state (a small JSON dict) is saved as the item 'data_iter' of the same
-step, next to the state (item 'default'), so the step and the input position are always one consistent pair.
+The input's record: the input's iterator state (a small JSON dict: the data's identity, and a stream's position) is
+saved as the item 'data_iter' of the same step, next to the state (item 'default'), so the step and what it was
+trained on are always one consistent pair.
 
-Config: WORKDIR/config.json records the run's config; resuming with a config that changes the model, the data or the
-recipe is refused, naming the fields, unless forced. Where the data is read from is not part of that: a dataset moved
-to another directory resumes.
+The run's config is recorded beside the checkpoints, in WORKDIR/config.json (run_record.py).
 """
 import hashlib
-import json
 import os
 
 import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from ml_collections import ConfigDict
 
-from resnet_jax import distributed, train
+from resnet_jax import distributed, train_step
+from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, NoUsableCheckpointError
 
-# Fields (and sections) that change the model, the data or the recipe: a checkpoint is only resumed under the same
-# values, unless forced.
-RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', 'lr_boundaries', 'lr_decay_factor',
-                  'momentum', 'momentum_form', 'weight_decay', 'weight_decay_on', 'warmup', 'bn_group_size', 'seed',
-                  'num_seeds')
-# Where and how the data is read, not what it is: moving the dataset or changing the number of decoding workers does not
-# block a resume.
-RESUME_IGNORED = ('data.data_dir', 'data.workers', 'data.read_threads', 'data.prefetch_to_device')
 DIGEST_KEY = 'state_sha256'
 STATE_ITEM, DATA_ITEM = 'default', 'data_iter'  # orbax item names; 'default' is also a single-item checkpoint's
-
-
-class ConfigMismatchError(ValueError):
-  pass
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-  """There is no checkpoint where one is needed (evaluation, analysis)."""
-
-
-class NoUsableCheckpointError(RuntimeError):
-  """Every checkpoint in the directory is damaged."""
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -214,29 +192,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_config(workdir: str) -> ConfigDict:
-  """The config a run recorded in WORKDIR/config.json, over config_base's defaults (so a field added since the run
-  reads as its default)."""
-  from resnet_jax import config_base
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise CheckpointNotFoundError(f'No run in {workdir}: it has no config.json.')
-  with open(path) as f:
-    saved = json.load(f)
-  config = config_base.base()
-
-  def merge(node, values):
-    for k, v in values.items():
-      if isinstance(v, dict):
-        if k not in node:
-          node[k] = ConfigDict()
-        merge(node[k], v)
-      else:
-        node[k] = tuple(v) if isinstance(v, list) else v
-  merge(config, saved)
-  return config
-
-
 def restore_from_workdir(config, workdir: str, mesh, step: int | None = None):
   """(model, state, step) of the run in `workdir` at checkpoint `step` (default: the latest), replicated over
   `mesh`, verified against its digest; a clear error when there is no such checkpoint."""
@@ -251,55 +206,9 @@ def restore_from_workdir(config, workdir: str, mesh, step: int | None = None):
     ckpt.close()
     raise CheckpointNotFoundError(f'No checkpoint of step {step} under {directory}; it has steps {steps}.')
   step = max(steps) if step is None else step
-  model, template = train.create_model_and_state(config, mesh, abstract=True)
+  model, template = train_step.create_model_and_state(config, mesh, abstract=True)
   try:
     state = ckpt.restore(template, step)
   finally:
     ckpt.close()
   return model, state, step
-
-
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def config_to_dict(config: ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def _resume_fields(config: dict) -> dict:
-  return {k: v for k, v in _flatten(config).items() if k.split('.')[0] in RESUME_CHECKED and k not in RESUME_IGNORED}
-
-
-def _over_defaults(saved: dict) -> dict:
-  """`saved` (a config.json) over config_base's defaults: a field added since the run was recorded reads as its
-  default (e.g. num_seeds: 1), as in `load_config`."""
-  from resnet_jax import config_base
-
-  def merge(base, values):
-    out = dict(base)
-    for k, v in values.items():
-      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-  return merge(config_to_dict(config_base.base()), saved)
-
-
-def check_resume_config(saved: dict, config: ConfigDict) -> None:
-  """Raises ConfigMismatchError naming every model, data or recipe field (RESUME_CHECKED) that differs from the
-  checkpointed run's, with both values. A field the saved config predates counts as its default."""
-  old, new = _resume_fields(_over_defaults(saved)), _resume_fields(config_to_dict(config))
-  show = lambda d, k: repr(d[k]) if k in d else '<absent>'
-  diffs = [f'  {k}: checkpoint has {show(old, k)}, this run has {show(new, k)}'
-           for k in sorted(set(old) | set(new)) if old.get(k, KeyError) != new.get(k, KeyError)]
-  if diffs:
-    raise ConfigMismatchError(
-        'The workdir holds a checkpoint of a run whose model, data or recipe differ from this config:\n'
-        + '\n'.join(diffs)
-        + '\nUse another --workdir, restore those values, or pass --force_resume to resume anyway (the earlier '
-        'config.json is kept as config.json.1, .2, ...).')

@@ -9,6 +9,11 @@ over groups of `bn_group_size` examples whatever the devices (batchnorm.py), and
 points (`train_and_evaluate`, `resnet_jax.evaluate`, the benchmark) call it first. It changes nothing on GPU or TPU
 runs: `jax_num_cpu_devices` only shapes the CPU backend, which those runs do not compute on.
 
+Several CPU devices meet at every gradient all-reduce, and XLA:CPU ends the process (SIGABRT) when one device's
+thread has waited there for 60 s, as can happen on a machine busy with other work. With several devices,
+`configure` therefore also tells XLA to wait without limit (`wait_at_collectives`), unless XLA_FLAGS sets that timeout
+itself.
+
 Who decides, first match wins:
   config.cpu_devices > 0                     that many devices
   XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N in the environment
@@ -21,7 +26,12 @@ import os
 
 import jax
 
+from resnet_jax import validation
+
 _ENV_FLAG = '--xla_force_host_platform_device_count'
+# XLA:CPU ends the whole process when one device's thread waits more than 20 + 40 s for the others at a collective
+# (the gradient all-reduce), which a busy machine can cause. A negative value means wait as long as it takes.
+COLLECTIVE_TIMEOUT_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
 _decision = 'JAX default'  # what the last configure() decided, for the start-of-run line
 
 
@@ -33,31 +43,20 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
-def fits(config, n: int) -> bool:
-  """Whether `n` devices can hold the batch: it divides the batch and the evaluation batch, and every BN group
-  lies on one device or spans whole devices (train.validate's rules)."""
-  b, g = config.batch_size, config.bn_group_size
-  if b % n or config.eval_batch_size % n:
-    return False
-  per_device = b // n
-  return not g or per_device % g == 0 or g % per_device == 0
-
-
 def choose(config, available: int) -> int:
-  """The largest device count <= `available` that `fits` the config (1 always does)."""
-  return next(n for n in range(max(1, available), 0, -1) if n == 1 or fits(config, n))
+  """The largest device count <= `available` that fits the config (validation.devices_fit; 1 always does)."""
+  return next(n for n in range(max(1, available), 0, -1) if n == 1 or validation.devices_fit(config, n))
 
 
 def configure(config) -> str:
   """Sets the CPU device count for this process as the module doc says; returns (and remembers for `describe`)
   a short account of the choice. Harmless when JAX has already started: then nothing can change, and it says so."""
   global _decision
-  if config.cpu_devices < 0:
-    raise ValueError(f'config.cpu_devices={config.cpu_devices} must be >= 0 (0: one device per CPU core).')
-  if config.cpu_devices:
+  if config.cpu_devices > 0:
     n, why = config.cpu_devices, 'config.cpu_devices'
   elif _ENV_FLAG in os.environ.get('XLA_FLAGS', '') or os.environ.get('JAX_NUM_CPU_DEVICES'):
     _decision = 'set in the environment'
+    wait_at_collectives()
     return _decision
   elif jax.distributed.is_initialized():
     # Several processes share the host's cores in ways this process cannot see; keep JAX's default.
@@ -72,7 +71,44 @@ def configure(config) -> str:
     _decision = why
   except RuntimeError:  # JAX has started (e.g. a notebook that already ran a computation): keep what it has
     _decision = 'fixed when JAX started'
+    return _decision
+  if n > 1:
+    wait_at_collectives()
   return _decision
+
+
+def wait_at_collectives() -> None:
+  """Lets a starved CPU device thread wait at a collective instead of aborting the process: adds
+  COLLECTIVE_TIMEOUT_FLAG=-1 to XLA_FLAGS, unless the user's XLA_FLAGS set it already. Effective only before JAX
+  starts its backends (XLA reads its flags once); left alone where an accelerator plugin is installed (the run
+  computes there, and its XLA may not know this CPU flag)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if COLLECTIVE_TIMEOUT_FLAG in flags or _accelerator_plugin_installed() or not _xla_knows(COLLECTIVE_TIMEOUT_FLAG):
+    return
+  os.environ['XLA_FLAGS'] = f'{flags} {COLLECTIVE_TIMEOUT_FLAG}=-1'.strip()
+
+
+def _accelerator_plugin_installed() -> bool:
+  from importlib import metadata, util
+  return bool(metadata.entry_points(group='jax_plugins')) or util.find_spec('libtpu') is not None
+
+
+def _xla_knows(flag: str) -> bool:
+  """Whether this jaxlib's XLA defines `flag` (an unknown flag in XLA_FLAGS aborts the process): its name is in
+  one of jaxlib's shared libraries (jaxlib 0.10.2: near the start of libjax_common.so, found in milliseconds)."""
+  import glob
+  import mmap
+  import jaxlib
+  name = flag.lstrip('-').encode()
+  libraries = glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), '**', '*.so*'), recursive=True)
+  for path in sorted(libraries, key=os.path.getsize, reverse=True):
+    try:
+      with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m.find(name) >= 0:
+          return True
+    except (OSError, ValueError):  # unreadable or empty
+      continue
+  return False
 
 
 def describe() -> str:

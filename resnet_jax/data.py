@@ -5,7 +5,7 @@ augmentation runs inside the jitted step (see `augment.py`), so a training step 
 
 Sources (`config.data.source`):
   'tfds'      tensorflow-datasets (`cifar10`); imported only here, only when asked for.
-  'folder'    DIR/train/<class>/*.{png,jpg,jpeg} and DIR/test/<class>/*, decoded once with Pillow.
+  'folder'    DIR/train/<class>/*.{png,jpg,...} and DIR/test/<class>/* (data_sources.py), decoded once with Pillow.
   'embedded'  scikit-learn's bundled 8x8 handwritten digits (1,797 images), upscaled; needs no download.
 """
 import dataclasses
@@ -13,14 +13,11 @@ import os
 
 import numpy as np
 
+from resnet_jax import data_sources
+from resnet_jax.errors import DatasetNotFoundError
+
 SOURCES = ('tfds', 'folder', 'embedded')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 EMBEDDED_TEST_EXAMPLES = 297  # digits: 1,500 training and 297 test images
-
-
-class DatasetNotFoundError(RuntimeError):
-  """The dataset is not where the config says; the message says how to get it."""
-
 
 @dataclasses.dataclass
 class Dataset:
@@ -89,79 +86,41 @@ def load_digits(image_size: int = 32) -> Dataset:
   return Dataset(images[train], labels[train], images[test], labels[test], [str(d) for d in range(10)])
 
 
-def _folder_help(root: str) -> str:
-  return (f'Expected an image folder at {root!r}: {root}/train/<class>/*.png|jpg and {root}/test/<class>/*.\n'
-          'For CIFAR-10 you can write one from tensorflow-datasets, or use source=tfds '
-          '(pip install tensorflow-datasets tensorflow-cpu).')
-
-
-def _list_split(root: str, split: str):
-  d = os.path.join(root, split)
-  classes = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
-  files = {c: sorted(f for f in os.listdir(os.path.join(d, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
-           for c in classes}
-  return d, classes, files
-
-
-def _decode_split(root: str, split: str, class_names: list[str], image_size: int):
+def _decode(paths, image_size: int) -> np.ndarray:
   from PIL import Image  # Pillow: needed only for folders
-  d, classes, files = _list_split(root, split)
-  if classes != class_names:
-    raise ValueError(f'The classes of {d} differ from those of the training split: '
-                     f'missing {sorted(set(class_names) - set(classes))}, extra {sorted(set(classes) - set(class_names))}.')
-  n = sum(len(f) for f in files.values())
-  if n == 0:
-    raise DatasetNotFoundError(f'No images (*{", *".join(IMAGE_EXTENSIONS)}) under {d}/<class>/. ' + _folder_help(root))
-  images = np.empty((n, image_size, image_size, 3), np.uint8)
-  labels = np.empty((n,), np.int32)
-  i = 0
-  for label, c in enumerate(classes):
-    for f in files[c]:
-      path = os.path.join(d, c, f)
-      try:
-        with Image.open(path) as im:
-          im = im.convert('RGB')
-          if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-          images[i] = np.asarray(im)
-      except (OSError, ValueError) as e:
-        raise ValueError(f'Cannot read image {path}: {e}') from e
-      labels[i] = label
-      i += 1
-  return images, labels
+  images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+  for i, path in enumerate(paths):
+    try:
+      with Image.open(path) as im:
+        im = im.convert('RGB')
+        if im.size != (image_size, image_size):
+          im = im.resize((image_size, image_size), Image.BILINEAR)
+        images[i] = np.asarray(im)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'Cannot read image {path}: {e}') from e
+  return images
 
 
 def load_folder(root: str, image_size: int = 32) -> Dataset:
   """Decodes DIR/train/<class>/* (and DIR/test/<class>/* when present) into memory."""
-  if not root or not os.path.isdir(os.path.join(root, 'train')):
-    raise DatasetNotFoundError(_folder_help(root or '<config.data.data_dir is empty>'))
-  _, class_names, _ = _list_split(root, 'train')
-  if not class_names:
-    raise DatasetNotFoundError(f'No class folders under {root}/train. ' + _folder_help(root))
-  train_images, train_labels = _decode_split(root, 'train', class_names, image_size)
+  paths, train_labels, class_names = data_sources.list_split(root, 'train')
+  train_images = _decode(paths, image_size)
   test_images = test_labels = None
   if os.path.isdir(os.path.join(root, 'test')):
-    test_images, test_labels = _decode_split(root, 'test', class_names, image_size)
+    paths, test_labels, _ = data_sources.list_split(root, 'test')
+    test_images = _decode(paths, image_size)
   return Dataset(train_images, train_labels, test_images, test_labels, class_names)
 
 
 def _load_tfds(name: str, data_dir: str) -> Dataset:
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError as e:
-    raise DatasetNotFoundError(
-        f'config.data.source=tfds needs tensorflow-datasets: pip install tensorflow-datasets tensorflow-cpu '
-        f"(or pip install -e '.[tfds]'). Without TensorFlow, use an image folder: "
-        f'--config.data.source=folder --config.data.data_dir=DIR with DIR/train/<class>/*.png.') from e
+  tfds = data_sources.import_tfds()
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
     builder.download_and_prepare()
     splits = {s: tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1)) for s in ('train', 'test')}
   except Exception as e:  # tfds raises many kinds of errors for a missing or unreachable dataset
-    raise DatasetNotFoundError(
-        f'Could not load {name!r} with tensorflow-datasets ({type(e).__name__}: {e}).\n'
-        f'Prepare it where the network is reachable with `tfds build {name}` (or python -c "import '
-        f"tensorflow_datasets as tfds; tfds.load('{name}')\") and pass --config.data.data_dir=<its data_dir>.") from e
+    raise DatasetNotFoundError(f'Could not load {name!r} with tensorflow-datasets ({type(e).__name__}: {e}).\n'
+                               + data_sources.tfds_prepare_help(name, data_dir)) from e
   names = builder.info.features['label'].names
   return Dataset(splits['train']['image'], splits['train']['label'].astype(np.int32),
                  splits['test']['image'], splits['test']['label'].astype(np.int32), list(names))

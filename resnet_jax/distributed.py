@@ -6,9 +6,6 @@ the compiler insert the cross-process collectives. What this module adds around 
   `initialize(...)`            starts the runtime when the environment or the flags say the run has several
                                processes (TPU VM, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, explicit flags), and
                                does nothing for a run alone.
-  `process_slice`, `global_array`, `shard_from_host`
-                               build a global array from the rows this process owns
-                               (`jax.make_array_from_process_local_data`): each process feeds only its own shard.
   `barrier(name)`              all processes wait for each other (a no-op alone).
   `preemption_reached(step)`   the step at which all processes agree to checkpoint and stop after a SIGTERM.
   `exit_with_error(message)`   one message and exit status 1, leaving no process waiting for this one.
@@ -19,7 +16,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 
 MODES = ('auto', 'on', 'off')
 
@@ -127,42 +123,3 @@ def preemption_reached(step: int) -> bool:
     return False
   from jax.experimental import multihost_utils
   return multihost_utils.reached_preemption_sync_point(step)
-
-
-def process_slice(sharding, global_shape) -> tuple[slice, ...]:
-  """The block of a `global_shape` array whose shards live on this process's devices.
-
-  With a mesh in `jax.devices()` order each process's devices are consecutive along the data axis, so the block
-  is contiguous; a layout where it is not is refused rather than fed wrong rows.
-  """
-  index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
-  block = []
-  for dim, size in enumerate(global_shape):
-    spans = sorted({(ix[dim].start or 0, size if ix[dim].stop is None else ix[dim].stop)
-                    for ix in index_map.values()})
-    for (_, stop), (start, _) in zip(spans, spans[1:]):
-      if start != stop:
-        raise ValueError(f'This process ({describe()}) owns non-contiguous rows {spans} of dimension {dim}; '
-                         'build the mesh from jax.devices() in order so each process holds one block.')
-    block.append(slice(spans[0][0], spans[-1][1]))
-  return tuple(block)
-
-
-def global_array(sharding, local_data, global_shape):
-  """The global array of `global_shape` whose block on this process is `local_data` (see `process_slice`).
-
-  For a streaming pipeline: each process reads its own examples, `local_data` is its share of the global batch,
-  and the global batch is the processes' blocks in process order. Alone, `local_data` is the whole array.
-  """
-  local_data = np.asarray(local_data)
-  expected = tuple(s.stop - s.start for s in process_slice(sharding, global_shape))
-  if local_data.shape != expected:
-    raise ValueError(f'This process ({describe()}) must feed a block of shape {expected} of the global '
-                     f'{tuple(global_shape)}, got {local_data.shape}.')
-  return jax.make_array_from_process_local_data(sharding, local_data, tuple(global_shape))
-
-
-def shard_from_host(sharding, host_array):
-  """`host_array`, held whole by every process, as a global array: each process transfers only its own block."""
-  host_array = np.asarray(host_array)
-  return global_array(sharding, host_array[process_slice(sharding, host_array.shape)], host_array.shape)

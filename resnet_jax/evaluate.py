@@ -1,7 +1,10 @@
 """Evaluate a checkpoint with the testing protocols of Sec. 3.4, without training:
 
-  python -m resnet_jax.evaluate --config=configs/imagenet_50.py --workdir=DIR --protocol=10crop \
-      [--step=N] [--recalibrate_bn=N] [--limit=N] [--config.FIELD=VALUE ...]
+  python -m resnet_jax.evaluate --workdir=DIR --protocol=10crop [--step=N] [--recalibrate_bn=N] [--limit=N] \
+      [--config.FIELD=VALUE ...]
+
+The run's own config (DIR/config.json) says what network and data it was; an override changes only what it names
+(typically where the data now lives: --config.data.data_dir=...); --config=FILE replaces it.
 
 Protocols:
   center      the 224 centre crop of the image with its shorter side resized to 256.
@@ -18,17 +21,14 @@ experiments/fig7.py for its layer responses.
 """
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import flags
 
-from resnet_jax import checkpoint, cpu_devices, data, input_pipeline, train
-
-DATA_AXIS = train.DATA_AXIS
-PROTOCOLS = ('center', '10crop', 'multiscale')
+from resnet_jax import checkpoint, cli, cpu_devices, input_pipeline, mesh as mesh_lib, validation
+from resnet_jax.image_ops import PROTOCOLS
 
 
 def _sums(log_probs, labels, mask):
@@ -98,9 +98,9 @@ def sum_batches(fn, variables, batches, per_example: bool = True) -> dict:
   Each process runs its own batches on its own devices (a batch split over them when `per_example`, else every
   device computes it: a batch of one image), so processes may hold different numbers of batches. Every example of
   a split is counted once when the input deals the padded batches as input_pipeline.padded_batches does."""
-  mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if per_example else replicated
+  mesh = mesh_lib.local_mesh()
+  replicated = mesh_lib.replicated(mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh) if per_example else replicated
   key = (fn, per_example, tuple(d.id for d in mesh.devices.flat))
   if key not in _JITTED:
     _JITTED[key] = jax.jit(fn, out_shardings=replicated)
@@ -161,15 +161,16 @@ def protocol_batch_size(config, protocol: str, num_devices: int) -> int:
 
 def run(config, workdir: str, protocol: str, step: int | None = None, recalibrate_bn: int = 0,
         limit: int = 0) -> dict:
-  if protocol not in PROTOCOLS:
-    raise ValueError(f'Unknown --protocol {protocol!r}; valid choices: {", ".join(PROTOCOLS)}.')
+  """Evaluates checkpoint `step` (default: the latest) of the run in `workdir` under `protocol`, on the test split
+  (the validation hold-out where there is none), with the BN statistics recalibrated over `recalibrate_bn` training
+  examples when it is positive; writes WORKDIR/eval_<protocol>_step<N>[_bn<M>].json."""
   if config.num_seeds > 1:
     raise ValueError(f'config.num_seeds={config.num_seeds}: the checkpoint holds {config.num_seeds} seeds in one '
                      'state; this command evaluates a run of one seed. The training run\'s own evaluations of each '
                      'seed are in WORKDIR/seed<s>/metrics.jsonl.')
   cpu_devices.configure(config)
-  mesh = train.make_mesh(None, config.mesh)
-  train.validate(config, mesh.devices.size)
+  mesh = mesh_lib.make_mesh(None, config.mesh)
+  validation.validate(config, mesh.devices.size)
   inp = input_pipeline.create(config, mesh, workdir)
   model, state, step = checkpoint.restore_from_workdir(config, workdir, mesh, step)
   variables = local_variables(state)
@@ -194,30 +195,21 @@ def run(config, workdir: str, protocol: str, step: int | None = None, recalibrat
   return result
 
 
-def main(argv):
-  from absl import app
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError('--config and --workdir are required, e.g. --config=configs/imagenet_50.py '
-                         '--workdir=runs/imagenet_50 --protocol=10crop')
-  from absl import flags, logging
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-  try:
-    run(_CONFIG.value, _WORKDIR.value, _PROTOCOL.value, _STEP.value, _RECAL.value, _LIMIT.value)
-  except (ValueError, checkpoint.CheckpointNotFoundError, data.DatasetNotFoundError) as e:
-    sys.exit(f'error: {e}')
+def define_flags():
+  flags.DEFINE_enum('protocol', 'center', list(PROTOCOLS), 'Testing protocol (Sec. 3.4).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_integer('recalibrate_bn', 0, 'Recompute BN mean/variance over this many training examples before '
+                       'evaluating (bn_recalibration.py); 0 keeps the moving averages.')
+  flags.DEFINE_integer('limit', 0, 'Evaluate only the first N held-out images (0: all).')
+
+
+def main(config, workdir: str) -> None:
+  if not workdir:
+    raise ValueError('--workdir is required: the training run\'s directory, e.g. --workdir=runs/imagenet_50 '
+                     '--protocol=10crop.')
+  f = flags.FLAGS
+  run(config, workdir, f.protocol, f.step, f.recalibrate_bn, f.limit)
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory (checkpoints under it).')
-  _PROTOCOL = flags.DEFINE_enum('protocol', 'center', list(PROTOCOLS), 'Testing protocol (Sec. 3.4).')
-  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  _RECAL = flags.DEFINE_integer('recalibrate_bn', 0, 'Recompute BN mean/variance over this many training examples '
-                                'before evaluating (bn_recalibration.py); 0 keeps the moving averages.')
-  _LIMIT = flags.DEFINE_integer('limit', 0, 'Evaluate only the first N validation images (0: all).')
-  app.run(main)
+  cli.run(main, define_flags, workdir_help='The training run\'s directory (its config.json and checkpoints).')

@@ -81,8 +81,9 @@ class Shortcut(nn.Module):
     return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, extra)))
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs (Fig. 2 / Fig. 5 left). `shortcut=None` makes the plain block."""
+class _Block(nn.Module):
+  """What every block takes: `filters`, the stride of its first subsampling conv, the shortcut option (None: the
+  plain block), and the conv / norm partials (`last_norm` for its last BN)."""
   filters: int
   strides: int
   shortcut: str | None
@@ -90,6 +91,15 @@ class BasicBlock(nn.Module):
   norm: ModuleDef
   last_norm: ModuleDef
 
+  def _output(self, x, y):
+    """relu(F(x) + shortcut(x)); relu(F(x)) for the plain block. Called inside the block's compact __call__."""
+    if self.shortcut is not None:
+      y = y + Shortcut(y.shape[-1], self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
+    return relu(y)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs (Fig. 2 / Fig. 5 left)."""
   expansion = 1
 
   @nn.compact
@@ -101,23 +111,15 @@ class BasicBlock(nn.Module):
     y = _conv(self.conv, self.filters, 3, 1, name='conv2')(y)
     y = self.last_norm(name='bn2')(y)
     self.sow('intermediates', 'bn_3x3', y)
-    if self.shortcut is not None:
-      y = y + Shortcut(self.filters, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
-    return relu(y)
+    return self._output(x, y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
   """1x1 reduce, 3x3, 1x1 restore (x4) (Fig. 5 right).
 
   The paper (and its released Caffe models) puts the stride on the first 1x1 conv ('v1'); torchvision puts it on
   the 3x3 conv ('v1.5', `stride_on_3x3=True`).
   """
-  filters: int
-  strides: int
-  shortcut: str | None
-  conv: ModuleDef
-  norm: ModuleDef
-  last_norm: ModuleDef
   stride_on_3x3: bool = False
 
   expansion = 4
@@ -133,9 +135,7 @@ class BottleneckBlock(nn.Module):
     y = relu(y)
     y = _conv(self.conv, self.filters * 4, 1, 1, name='conv3')(y)
     y = self.last_norm(name='bn3')(y)
-    if self.shortcut is not None:
-      y = y + Shortcut(self.filters * 4, self.strides, self.shortcut, self.conv, self.norm, name='shortcut')(x)
-    return relu(y)
+    return self._output(x, y)
 
 
 class ResNet(nn.Module):
@@ -213,35 +213,9 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def _choices_error(what: str, value, valid) -> ValueError:
-  return ValueError(f'Unknown {what} {value!r}; valid choices: {", ".join(map(str, valid))}.')
-
-
-def validate_model_config(model_config) -> None:
-  """Raises ValueError with the valid choices for an unknown family, depth, shortcut, bottleneck, dtype or fc
-  initialiser."""
-  family, depth = model_config.family, model_config.depth
-  if family not in FAMILIES:
-    raise _choices_error('model family', family, FAMILIES)
-  if family == 'cifar':
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-      raise ValueError(f'Unknown CIFAR depth {depth!r}: CIFAR nets have depth 6n+2 for n >= 1 '
-                       '(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202).')
-  elif depth not in IMAGENET_STAGES:
-    raise _choices_error('ImageNet depth', depth, sorted(IMAGENET_STAGES))
-  if model_config.shortcut not in SHORTCUTS:
-    raise _choices_error('shortcut option', model_config.shortcut, SHORTCUTS)
-  if model_config.bottleneck not in BOTTLENECK_PLACEMENTS:
-    raise _choices_error('bottleneck stride placement', model_config.bottleneck, BOTTLENECK_PLACEMENTS)
-  if model_config.dtype not in DTYPES:
-    raise _choices_error('dtype', model_config.dtype, DTYPES)
-  if model_config.head_init not in HEAD_INITS:
-    raise _choices_error('head_init', model_config.head_init, HEAD_INITS)
-
-
 def create_model(model_config, bn_group_size: int = 0, dtype: str | None = None) -> ResNet:
-  """Builds the network that `model_config` (the `config.model` section) names."""
-  validate_model_config(model_config)
+  """Builds the network that `model_config` (the `config.model` section, as validation.validate_model accepts it)
+  names."""
   family, depth = model_config.family, model_config.depth
   if family == 'cifar':
     n = (depth - 2) // 6

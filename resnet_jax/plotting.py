@@ -3,7 +3,7 @@ A run of several seeds draws the mean over its seeds with a band of +- one stand
 import numpy as np
 
 
-def _mean_and_std(runs: list, key: str):
+def mean_and_std(runs: list, key: str):
   """(steps, mean, std) of `key` in % at the steps every seed logged."""
   series = [{r['step']: 100 * r[key] for r in rows if key in r} for rows in runs]
   steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
@@ -27,7 +27,7 @@ def plot_curves(runs: dict, path: str, title: str = '') -> bool:
     seeds = rows if rows and isinstance(rows[0], list) else [rows]
     for key, style, width, suffix in (('train_error', '--', 1.0, 'train'), ('val_error', '-', 2.0, 'val'),
                                       ('test_error', '-', 2.0, 'test')):
-      steps, mean, std = _mean_and_std(seeds, key)
+      steps, mean, std = mean_and_std(seeds, key)
       if not steps:
         continue
       name = f'{label} {suffix}' + (f' (mean of {len(seeds)} seeds, ±1 std)' if len(seeds) > 1 else '')

@@ -8,15 +8,13 @@ reports); BatchNorm, ReLU, pooling and additions are not counted.
 import collections
 import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from resnet_jax import models
+from resnet_jax import cli, models, validation
 
 
 def _group(path: tuple[str, ...]) -> str:
@@ -73,22 +71,15 @@ def format_table(result: dict, title: str) -> str:
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
-                                          lock_config=True)
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object {"params": int, "macs": int, ...}.')
+def define_flags():
+  flags.DEFINE_bool('json', False, 'Print one JSON object {"params": int, "macs": int, ...}.')
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/cifar_110.py')
-  try:
-    model = models.create_model(config.model)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  result = analyse(model, config.data.image_size)
-  if _JSON.value:
+def main(config, workdir) -> None:
+  del workdir
+  validation.validate_model(config.model)
+  result = analyse(models.create_model(config.model), config.data.image_size)
+  if flags.FLAGS.json:
     print(json.dumps(dict(params=int(result['params']), macs=int(result['macs']),
                           stages={r['name']: dict(params=int(r['params']), macs=int(r['macs']),
                                                   shape=r['shape']) for r in result['rows']})))
@@ -102,4 +93,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, define_flags, workdir_help='A run\'s directory: without --config, summarise the network it trained.')

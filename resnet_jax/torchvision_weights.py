@@ -28,13 +28,14 @@ and 1 / (255 std) is folded into the stem conv's kernel, which is exact (zero pa
 """
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import models
+from absl import flags
+
+from resnet_jax import cli, models, run_record, validation
 
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # torchvision's ImageNet input normalisation
 TORCHVISION_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -46,7 +47,7 @@ class WeightsError(ValueError):
 
 
 def check_model_config(model_config) -> None:
-  models.validate_model_config(model_config)
+  validation.validate_model(model_config)
   if model_config.family != 'imagenet' or not model_config.residual:
     raise WeightsError('torchvision weights exist for the residual ImageNet networks only '
                        f'(config.model.family={model_config.family!r}, residual={model_config.residual}).')
@@ -178,12 +179,12 @@ def load_state_dict(path: str) -> dict:
 
 
 def write_checkpoint(config, params, batch_stats, workdir: str) -> None:
-  """A step-0 checkpoint in WORKDIR (for `python -m resnet_jax.evaluate`) and torchvision's channel mean as its
-  mean image (WORKDIR/pixel_mean.npy, shape (1, 1, 3))."""
-  from resnet_jax import checkpoint, train
+  """A step-0 checkpoint in WORKDIR (for `python -m resnet_jax.evaluate`), its run record (config.json), and
+  torchvision's channel mean as its mean image (WORKDIR/pixel_mean.npy, shape (1, 1, 3))."""
+  from resnet_jax import checkpoint, train_step
   model = models.create_model(config.model, bn_group_size=config.bn_group_size)
   size = config.data.image_size
-  state = train.init_state(config, model, (size, size, 3), config.model.num_classes)
+  state = train_step.init_state(config, model, (size, size, 3), config.model.num_classes)
   state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
                         batch_stats=jax.tree_util.tree_map(jnp.asarray, batch_stats))
   os.makedirs(workdir, exist_ok=True)
@@ -193,32 +194,26 @@ def write_checkpoint(config, params, batch_stats, workdir: str) -> None:
     raise FileExistsError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()}; choose a new --workdir.')
   ckpt.save(state, force=True)
   ckpt.close()
+  run_record.write(workdir, config)  # so that the evaluator reads the network and data from the workdir
 
 
-def main(argv):
-  from absl import app
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not (_WEIGHTS.value and _CONFIG.value and _WORKDIR.value):
-    raise app.UsageError('--weights, --config and --workdir are required (see the module docstring).')
-  from absl import flags, logging
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+def define_flags():
+  flags.DEFINE_string('weights', None, 'torchvision state dict: .pth, .npz or .safetensors.')
+
+
+def main(config, workdir: str) -> None:
+  weights = flags.FLAGS.weights
+  if not (weights and workdir):
+    raise ValueError('--weights, --config and --workdir are required (python -m resnet_jax.torchvision_weights '
+                     '--helpshort).')
   try:
-    config = _CONFIG.value
-    params, batch_stats = convert(load_state_dict(_WEIGHTS.value), config.model)
-    params = fold_input_normalization(params)
-    write_checkpoint(config, params, batch_stats, _WORKDIR.value)
-  except (ValueError, ImportError, OSError) as e:
-    sys.exit(f'error: {e}')
-  print(f'Wrote {_WORKDIR.value}/checkpoints (step 0) and pixel_mean.npy. Evaluate with:\n  python -m '
-        f'resnet_jax.evaluate --config=... (the same overrides) --workdir={_WORKDIR.value} --protocol=center')
+    params, batch_stats = convert(load_state_dict(weights), config.model)
+    write_checkpoint(config, fold_input_normalization(params), batch_stats, workdir)
+  except (ImportError, OSError) as e:
+    raise ValueError(str(e)) from e
+  print(f'Wrote {workdir}/checkpoints (step 0), config.json and pixel_mean.npy. Evaluate with:\n  python -m '
+        f'resnet_jax.evaluate --workdir={workdir} --protocol=center [--config.data.data_dir=DATA_DIR]')
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config of the network (configs/imagenet_*.py).')
-  _WEIGHTS = flags.DEFINE_string('weights', None, 'torchvision state dict: .pth, .npz or .safetensors.')
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory to write the checkpoint into.')
-  app.run(main)
+  cli.run(main, define_flags, workdir_help='Directory to write the checkpoint into.', config_from_workdir=False)

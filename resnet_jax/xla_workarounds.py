@@ -5,9 +5,9 @@ Each piece says what it buys and on which backend. Tests in tests/test_models.py
 values and gradients as the plain form, and keep the compiled property it exists for.
 
   relu                           all backends: XLA stores each block output once (CPU: 2.5-5x faster backward on
-                                 deep nets; GPU: no measured change either way, see docs/performance.md).
+                                 deep nets; GPU: not measured; docs/performance.md).
   conv_with_explicit_gradients   XLA:CPU, inside a loop body only: gradient convolutions in the layout of its fast
-                                 kernels (a scanned ResNet-56 step 75 s -> 1.7 s).
+                                 kernels (a scanned ResNet-56 step on one core: 75.5 s -> 1.71 s).
   scanned_blocks                 all backends, compile time: a stage's identical blocks as one `nn.scan`, so
                                  ResNet-1202 compiles in seconds instead of minutes (config.model.scan_blocks).
 """
@@ -70,8 +70,8 @@ def conv_with_explicit_gradients(lhs, rhs, window_strides, padding, lhs_dilation
   HWIO kernel).
 
   Used inside the scanned blocks (`scan_blocks=True`). There, autodiff's own gradient convolutions keep layouts
-  that XLA:CPU does not rewrite inside a loop body, and it ran them with its slow generic loop: a ResNet-56 step took
-  75 s instead of 1.2 s. The values are the same (`tests/test_models.py`); other convolutions (strided, dilated,
+  that XLA:CPU does not rewrite inside a loop body, and it ran them with its slow generic loop: a scanned ResNet-56
+  step took 75.5 s on one core instead of 1.71 s. The values are the same (`tests/test_models.py`); other convolutions (strided, dilated,
   grouped) fall through to `lax.conv_general_dilated` unchanged.
   """
   unit = lambda v: v is None or all(d == 1 for d in v)

@@ -36,8 +36,8 @@ def torchvision_resnet(depth, allow_fallback):
     if not allow_fallback:
       raise SystemExit('torchvision is not installed; pass --allow_fallback to use the test\'s copy of its layout.')
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
-    from test_imagenet import _torch_resnet
-    return _torch_resnet(depth, 1000), 'fallback: tests/test_imagenet.py layout'
+    from test_imagenet import torch_resnet
+    return torch_resnet(depth, 1000), 'fallback: tests/test_imagenet.py layout'
 
 
 def main():

@@ -7,7 +7,8 @@ evaluation, and the checkpointer's temporary-path hook); the process sends itsel
 reaches POINT at STEP. The package itself knows nothing of this.
 
   ACTION  kill (SIGKILL: no handler runs, like a lost machine), term (SIGTERM: a preemption notice), int (SIGINT)
-  POINT   train       after the update of STEP, before its log line, evaluation or checkpoint
+  POINT   train       after the call of the step that reaches STEP (or passes it, with several steps per call),
+                      before its log line, evaluation or checkpoint
           eval        at the start of the evaluation at STEP
           checkpoint  inside the checkpoint write of STEP: the arrays are written to the temporary directory and
                       the commit (the rename to the final name) has not happened yet
@@ -45,9 +46,10 @@ _fired = set()
 
 
 def point(name: str, step: int) -> None:
-  """Signals this process if the fault armed for `name` is at `step` (once per process)."""
+  """Signals this process the first time it reaches the fault armed for `name` at or after `step` (a run of several
+  steps per call passes some steps inside one call; once per process)."""
   target = armed(name)
-  if target is not None and target[1] == step and name not in _fired:
+  if target is not None and step >= target[1] and name not in _fired:
     _fired.add(name)
     print(f'[test fault] {name} at step {step}: sending signal {target[0]}', flush=True)
     os.kill(os.getpid(), target[0])
@@ -76,9 +78,9 @@ def install() -> None:
   """Arms the points named by the environment in resnet_jax's training run."""
   import jax
   import numpy as np
-  from resnet_jax import checkpoint, train, trainer
+  from resnet_jax import checkpoint, train_loop, train_step
   if armed('train') is not None:
-    make_step = train.make_train_step
+    make_step = train_step.make_train_step
 
     def make_train_step(*args, **kwargs):
       step_fn = make_step(*args, **kwargs)
@@ -89,20 +91,19 @@ def install() -> None:
         return new
       step.lower = step_fn.lower  # the trainer compiles a step of several seeds ahead to check its memory
       return step
-    train.make_train_step = make_train_step
+    train_step.make_train_step = make_train_step
   if armed('eval') is not None:
-    evaluate_splits = trainer.evaluate_splits
+    evaluate_splits = train_loop.evaluate_splits
 
     def evaluate_with_fault(model, inp, state, step):
       point('eval', step)
       return evaluate_splits(model, inp, state, step)
-    trainer.evaluate_splits = evaluate_with_fault
+    train_loop.evaluate_splits = evaluate_with_fault
   checkpoint.Checkpointer.temporary_path_class = temporary_path_class()
 
 
 if __name__ == '__main__':
-  from absl import app
-  from resnet_jax import main
+  from resnet_jax import cli, main
   install()
-  app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
+  cli.run(main.main, main.define_flags, workdir_help='Directory for metrics, checkpoints and plots.')
 

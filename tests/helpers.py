@@ -2,9 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from resnet_jax import config_base, input_pipeline, train
-
-
+from resnet_jax import config_base, input_pipeline, train_step
 def tiny_config(**overrides):
   """A ResNet-8 on the embedded digits at 8x8: a step takes milliseconds on the CPU."""
   c = config_base.cifar(8)
@@ -30,8 +28,8 @@ def tiny_config(**overrides):
 def training_step(config, mesh, dataset=None):
   """(model, initial state, jitted step, the step's inputs) of `config` on `mesh`, built as a run builds them."""
   inp = input_pipeline.InMemoryInput(config, mesh, dataset)
-  model, state = train.create_model_and_state(config, mesh)
-  return model, state, train.make_train_step(config, model, mesh, inp), next(inp.train_inputs(0))
+  model, state = train_step.create_model_and_state(config, mesh)
+  return model, state, train_step.make_train_step(config, model, mesh, inp), next(inp.train_inputs(0))
 
 
 def write_image_folder(root, splits=('train', 'test'), classes=('cat', 'dog', 'frog'), per_class=4, size=32,
@@ -49,3 +47,9 @@ def write_image_folder(root, splits=('train', 'test'), classes=('cat', 'dog', 'f
         Image.fromarray(img).save(d / f'{i}.{ext}')
         written[(split, c, f'{i}.{ext}')] = img
   return written
+
+
+def train_view(record, rng, data_config, mean):
+  """One streamed training example as the step sees it (float32): the host's view and colour noise, `finish`ed."""
+  from resnet_jax import image_ops
+  return image_ops.finish(*image_ops.train_crop(record, rng, data_config), np.asarray(mean, np.float32))

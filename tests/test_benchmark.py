@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import benchmark, models, summary, train
+from resnet_jax import benchmark, mesh as mesh_lib, models, summary, validation
 from helpers import tiny_config, training_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def _run_steps(config, steps, state=None):
   """`steps` training steps from `state` (default: the initial state); one compiled step per distinct config."""
   key = config.to_json()
   if key not in _STEP_FNS:
-    _, init, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
+    _, init, step, args = training_step(config, mesh_lib.make_mesh(jax.devices()[:1]))
     _STEP_FNS[key] = (jax.device_get(init), step, args)  # on the host: the step donates the state it is given
   init, step, args = _STEP_FNS[key]
   state = jax.device_put(init if state is None else state)
@@ -92,11 +92,11 @@ def test_half_precision_keeps_float32_state_and_tracks_float32():
 
 def test_loss_scaling_only_with_float16():
   with pytest.raises(ValueError, match='float16'):
-    train.validate(tiny_config(**{'loss_scale.enabled': True}), 1)
+    validation.validate(tiny_config(**{'loss_scale.enabled': True}), 1)
   with pytest.raises(ValueError, match='factor > 1'):
-    train.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16', 'loss_scale.factor': 1.0}),
+    validation.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16', 'loss_scale.factor': 1.0}),
                    1)
-  train.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16'}), 1)
+  validation.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16'}), 1)
 
 
 _SCALED = {'model.dtype': 'float16', 'loss_scale.enabled': True, 'loss_scale.initial': 256.0,

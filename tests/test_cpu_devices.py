@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from resnet_jax import cpu_devices
+from resnet_jax import cpu_devices, validation
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_the_largest_count_that_fits_the_batch_and_the_bn_groups(batch, group, cores, expected):
   c = tiny_config(batch_size=batch, bn_group_size=group, eval_batch_size=100 if batch == 32 else 500)
   assert cpu_devices.choose(c, cores) == expected
-  assert cpu_devices.fits(c, expected)
-  assert all(not cpu_devices.fits(c, n) for n in range(expected + 1, cores + 1))
+  assert validation.devices_fit(c, expected)
+  assert all(not validation.devices_fit(c, n) for n in range(expected + 1, cores + 1))
 
 
 def _devices_in_a_fresh_process(xla_flags=None, **overrides):
@@ -53,4 +53,4 @@ def test_a_run_gets_one_device_per_core_unless_told_otherwise():
 
 def test_negative_cpu_devices_is_refused():
   with pytest.raises(ValueError, match='cpu_devices=-1 must be >= 0'):
-    cpu_devices.configure(tiny_config(cpu_devices=-1))
+    validation.validate(tiny_config(cpu_devices=-1), 4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import fig7, paper, report, sweep, table3, table6
-from resnet_jax import config_base, input_pipeline, metrics_io, models
+from resnet_jax import config_base, input_pipeline, metrics_io, models, train_loop
 from helpers import tiny_config, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,8 @@ def _spec(net, residual=True, **overrides):
 def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monkeypatch):
   runs, quiet = str(tmp_path), lambda *_: None
   workdir = _spec('plain-8').workdir(runs)
-  assert sweep.run_sweep([_spec('plain-8', residual=False, num_steps=3)], runs, log=quiet) == {workdir: 'finished'}
+  three = _spec('plain-8', residual=False, num_steps=3, lr_boundaries=(3,))
+  assert sweep.run_sweep([three], runs, log=quiet) == {workdir: 'finished'}
   assert sweep.run_status(workdir, 3) == 'finished'
   assert sweep.run_status(workdir, 6) == 'partial'  # finished at 3 of what is now asked to be 6 steps
   assert sweep.run_status(str(tmp_path / 'nothing'), 6) == 'new'
@@ -37,7 +38,6 @@ def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monke
 
   # The same run asked for 6 steps is handed back to the trainer (which resumes it from its checkpoint: see
   # test_trainer); here a stand-in trainer logs the remaining steps, to keep the test fast.
-  from resnet_jax import trainer
   calls = []
 
   def fake_train(config, wd):
@@ -47,7 +47,7 @@ def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monke
     writer.close()
     return {'step': 6}
 
-  monkeypatch.setattr(trainer, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(train_loop, 'train_and_evaluate', fake_train)
   six = _spec('plain-8', residual=False)
   assert sweep.run_sweep([six], runs, log=quiet) == {workdir: 'finished'} and calls == [(6, workdir)]
   assert [r['step'] for r in metrics_io.read_metrics(os.path.join(workdir, 'metrics.jsonl'))] == [3, 6]
@@ -57,14 +57,13 @@ def test_sweep_trains_then_resumes_unfinished_and_skips_finished(tmp_path, monke
 
 
 def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
-  from resnet_jax import trainer
   calls = []
 
   def fake_train(config, workdir):  # as the trainer returns after a SIGTERM before its first log point
     calls.append(workdir)
     return {'stopped_by_signal': 15}
 
-  monkeypatch.setattr(trainer, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(train_loop, 'train_and_evaluate', fake_train)
   results = sweep.run_sweep([_spec('a'), _spec('b')], str(tmp_path), log=lambda *_: None)
   assert list(results.values()) == ['stopped'] and len(calls) == 1
   assert sweep.read_run_info(_spec('a').workdir(str(tmp_path)))['last_outcome'] == 'stopped'
@@ -147,7 +146,7 @@ def test_layer_stds_match_a_direct_computation():
 
   _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']))(
       variables, images.astype(np.float32) - mean)
-  layers = fig7._layer_order(state['intermediates'])
+  layers = fig7.layer_order(state['intermediates'])
   assert len(layers) == 13  # the first layer and 2 x 3n 3x3 layers of the blocks for depth 6n+2 = 14
   direct = [np.mean(np.std(np.asarray(y, np.float64), axis=(0, 1, 2))) for y in layers]
   np.testing.assert_allclose(stds, direct, rtol=1e-4)
@@ -165,7 +164,7 @@ def test_fig7_layers_of_a_scanned_net_come_in_the_same_order_as_unrolled():
     model = models.create_model(c.model, bn_group_size=0)
     variables = model.init(jax.random.key(0), x, train=False)
     _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
-    shapes.append([y.shape for y in fig7._layer_order(state['intermediates'])])
+    shapes.append([y.shape for y in fig7.layer_order(state['intermediates'])])
   assert len(shapes[0]) == 19 and shapes[0] == shapes[1]
 
 
@@ -257,9 +256,8 @@ def test_report_labels_imagenet_centre_crop_against_the_papers_10_crop(tmp_path)
 
 @pytest.mark.slow
 def test_report_reads_plain_main_workdirs_and_a_single_workdir(tmp_path):
-  from resnet_jax import trainer
   runs = tmp_path / 'runs'
-  trainer.train_and_evaluate(tiny_config(seed=3), str(runs / 'tiny'))  # a real workdir: checkpoints/ and all
+  train_loop.train_and_evaluate(tiny_config(seed=3), str(runs / 'tiny'))  # a real workdir: checkpoints/ and all
   # A CIFAR-10 ResNet-20 workdir as `python -m resnet_jax.main --workdir=runs/c20` writes it (no run_info.json).
   _fake_run(str(runs / 'c20'), 64_000, [{'step': 64_000, 'train_error': 0.01, 'test_error': 0.09}])
   os.remove(runs / 'c20' / sweep.RUN_INFO)

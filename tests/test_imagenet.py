@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import (bn_recalibration, checkpoint, config_base, evaluate, imagenet_input, input_pipeline,
-                        metrics_io, models, torchvision_weights, train, trainer)
+from resnet_jax import (bn_recalibration, checkpoint, config_base, data_sources, errors, evaluate, image_ops,
+                        input_pipeline, mesh as mesh_lib, metrics_io, models, streams, torchvision_weights,
+                        validation)
 import faults
-from helpers import tiny_config
+from helpers import tiny_config, train_view
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec('torch') is not None
@@ -75,7 +76,7 @@ def _read_image(path):
 # The input pipeline.
 
 def _streamed(c):
-  return input_pipeline.StreamedInput(c, train.make_mesh())
+  return input_pipeline.StreamedInput(c, mesh_lib.make_mesh())
 
 
 def _record(path):
@@ -83,21 +84,26 @@ def _record(path):
     return {'image': f.read(), 'label': 0, 'name': str(path)}
 
 
+def _host_batches(c, step=0):
+  """This process's host batches of the training stream from the batch of `step` on."""
+  return streams.train_iterator(c, data_sources.streamed_source(c.data, 'train'), step * c.batch_size)
+
+
 def test_train_stream_shapes_dtypes_labels_and_hosts(folder):
   c = tiny_imagenet_config(folder)
   inp = _streamed(c)
   assert inp.mean.shape == (32, 32, 3) and inp.class_names == list(CLASSES)
-  stream = inp.host_batches(0)
+  stream = _host_batches(c)
   batches = [next(stream) for _ in range(4)]
   for images, noise, labels in batches:
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8  # a quarter of float32's bytes to copy
     assert noise.shape == (8, 3) and noise.dtype == np.float32 and np.abs(noise).max() > 0
     assert labels.shape == (8,) and labels.dtype == np.int32
-  assert stream.get_state() == {imagenet_input.POSITION_KEY: 32}
+  assert stream.get_state() == {streams.POSITION_KEY: 32}
   # The step's batch: noise added and the mean subtracted on the device, as the host reference does it.
   step_inputs = next(inp.train_inputs(1))
   x, y = jax.jit(lambda *a: inp.device_batch(1, *a, seed=0))(*step_inputs)
-  np.testing.assert_allclose(np.asarray(x), imagenet_input.finish(*batches[1][:2], inp.mean), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(x), image_ops.finish(*batches[1][:2], inp.mean), atol=1e-4)
   np.testing.assert_array_equal(np.asarray(y), batches[1][2])
   # Each epoch (12 positions) is a permutation of the 12 training images: every label 4 times.
   labels = np.concatenate([y for _, _, y in batches])
@@ -107,36 +113,36 @@ def test_train_stream_shapes_dtypes_labels_and_hosts(folder):
   views = np.concatenate([b['images'][b['mask'] > 0] for b in inp.eval_batches('train')])
   np.testing.assert_allclose(views.mean(0), 0.0, atol=1e-3)
   # Two hosts each read half of each global batch, and together exactly the one-host batch.
-  hosts = [imagenet_input.train_iterator(c, inp._train, 8, process_index=i, process_count=2) for i in range(2)]
+  source = data_sources.streamed_source(c.data, 'train')
+  hosts = [streams.train_iterator(c, source, 8, process_index=i, process_count=2) for i in range(2)]
   parts = [next(h) for h in hosts]
   assert [p[0].shape for p in parts] == [(4, 32, 32, 3)] * 2
   key = lambda xs: sorted(x.tobytes() for x in xs)
   assert key(np.concatenate([p[0] for p in parts])) == key(batches[1][0])
   with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
-    imagenet_input.train_iterator(c, inp._train, 0, process_index=0, process_count=3)
+    streams.train_iterator(c, source, 0, process_index=0, process_count=3)
 
 
 def test_batches_depend_on_seed_and_position_only(folder):
   c = tiny_imagenet_config(folder)
-  inp = _streamed(c)
-  a = inp.host_batches(0)
+  a = _host_batches(c)
   first = [next(a) for _ in range(5)]
-  resumed = inp.host_batches(3)  # a run resumed at step 3 reads batches 3 and 4 again, bit for bit
+  resumed = _host_batches(c, 3)  # a run resumed at step 3 reads batches 3 and 4 again, bit for bit
   for k in (3, 4):
     for a, b in zip(next(resumed), first[k]):
       np.testing.assert_array_equal(a, b)
-  other = _streamed(tiny_imagenet_config(folder, seed=1)).host_batches(0)
+  other = _host_batches(tiny_imagenet_config(folder, seed=1))
   assert not np.array_equal(next(other)[0], first[0][0])  # another seed, another stream
 
 
 @pytest.mark.slow
 def test_worker_processes_do_not_change_the_batches(folder):
-  one = _streamed(tiny_imagenet_config(folder)).host_batches(2)
-  two = _streamed(tiny_imagenet_config(folder, **{'data.workers': 2, 'data.read_threads': 1})).host_batches(2)
+  one = _host_batches(tiny_imagenet_config(folder), 2)
+  two = _host_batches(tiny_imagenet_config(folder, **{'data.workers': 2, 'data.read_threads': 1}), 2)
   for _ in range(3):
     for a, b in zip(next(one), next(two)):
       np.testing.assert_array_equal(a, b)
-  assert two.get_state() == one.get_state() == {imagenet_input.POSITION_KEY: 40}
+  assert two.get_state() == one.get_state() == {streams.POSITION_KEY: 40}
 
 
 def test_scale_augmentation_window_lies_in_range_and_inside_the_image():
@@ -145,7 +151,7 @@ def test_scale_augmentation_window_lies_in_range_and_inside_the_image():
   shorters = []
   for (h, w) in SIZES:
     for i in range(60):
-      d = imagenet_input.train_draws(np.random.default_rng([0, 1, i]), h, w, c.data)
+      d = image_ops.train_draws(np.random.default_rng([0, 1, i]), h, w, c.data)
       (nh, nw), top, left = d['size'], d['top'], d['left']
       assert lo <= d['shorter'] <= hi and min(nh, nw) == d['shorter']
       assert abs(max(nh, nw) / d['shorter'] - max(h, w) / min(h, w)) < 0.05  # aspect ratio kept
@@ -161,8 +167,8 @@ def test_train_view_is_the_resized_image_cropped_at_the_sampled_window(folder):
   image = Image.open(path).convert('RGB')
   flips = set()
   for i in range(12):
-    view = imagenet_input.train_view(record, np.random.default_rng([5, i]), c.data, 0.0)
-    d = imagenet_input.train_draws(np.random.default_rng([5, i]), 50, 80, c.data)
+    view = train_view(record, np.random.default_rng([5, i]), c.data, 0.0)
+    d = image_ops.train_draws(np.random.default_rng([5, i]), 50, 80, c.data)
     (nh, nw), t, l = d['size'], d['top'], d['left']
     # The whole image resized (in float, per channel), then cropped: the pipeline resizes only the window, in
     # 8 bits, so it is within Pillow's rounding (one level) of that.
@@ -176,17 +182,17 @@ def test_train_view_is_the_resized_image_cropped_at_the_sampled_window(folder):
 def test_colour_noise_has_the_configured_magnitude(tmp_path):
   std = 0.1
   rng = np.random.default_rng(0)
-  noise = np.stack([imagenet_input.lighting_noise(rng.normal(0, std, 3)) for _ in range(1500)])
+  noise = np.stack([image_ops.lighting_noise(rng.normal(0, std, 3)) for _ in range(1500)])
   # noise = V (alpha * eigval) * 255 with V orthonormal, so alpha = V^T noise / (eigval * 255) ~ N(0, std).
-  alpha = noise @ imagenet_input.IMAGENET_EIGVEC / (imagenet_input.IMAGENET_EIGVAL * 255.0)
+  alpha = noise @ image_ops.IMAGENET_EIGVEC / (image_ops.IMAGENET_EIGVAL * 255.0)
   np.testing.assert_allclose(alpha.std(0), std, rtol=0.1)
   np.testing.assert_allclose(alpha.mean(0), 0.0, atol=4 * std / np.sqrt(1500))
   # The noise is one RGB offset per image: a flat image stays flat.
   c = tiny_imagenet_config('unused', **{'data.scale_range': (32, 32), 'data.random_flip': False})
   Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / 'flat.png')
-  view = imagenet_input.train_view(_record(tmp_path / 'flat.png'), np.random.default_rng(2), c.data, 0.0)
-  offset = imagenet_input.lighting_noise(
-      imagenet_input.train_draws(np.random.default_rng(2), 40, 40, c.data)['alpha'] * c.data.lighting_std)
+  view = train_view(_record(tmp_path / 'flat.png'), np.random.default_rng(2), c.data, 0.0)
+  offset = image_ops.lighting_noise(
+      image_ops.train_draws(np.random.default_rng(2), 40, 40, c.data)['alpha'] * c.data.lighting_std)
   assert np.abs(offset).max() > 0.01
   np.testing.assert_allclose(view, np.broadcast_to(128 + offset, view.shape), atol=1e-3)
 
@@ -194,7 +200,7 @@ def test_colour_noise_has_the_configured_magnitude(tmp_path):
 def test_ten_crops_are_the_corners_centre_and_their_flips():
   h, w, crop = 36, 50, 32
   image = np.arange(h * w * 3, dtype=np.float32).reshape(h, w, 3)  # every pixel distinct
-  views = imagenet_input.ten_crops(image, crop)
+  views = image_ops.ten_crops(image, crop)
   assert views.shape == (10, crop, crop, 3)
   np.testing.assert_array_equal(views[0], image[:crop, :crop])                       # top-left, pixel by pixel
   np.testing.assert_array_equal(views[1], image[:crop, w - crop:])                   # top-right
@@ -208,55 +214,55 @@ def test_ten_crops_are_the_corners_centre_and_their_flips():
 
 def test_eval_streams_count_every_image_once_over_hosts(folder):
   c = tiny_imagenet_config(folder)
-  source = imagenet_input.source(c.data, 'val')
+  source = data_sources.streamed_source(c.data, 'val')
   n = len(CLASSES) * VAL_PER_CLASS  # 9, not a multiple of the batch (4) nor of the hosts (2)
   expected = sorted(np.repeat(np.arange(len(CLASSES)), VAL_PER_CLASS).tolist())
   zero = np.zeros(3, np.float32)
   for protocol, shape in (('center', (4, 32, 32, 3)), ('10crop', (4, 10, 32, 32, 3))):
-    batches = list(imagenet_input.eval_batches(c, source, zero, protocol, 4))
+    batches = list(streams.eval_batches(c, source, zero, protocol, 4))
     assert [b['images'].shape for b in batches] == [shape] * 3
     assert sum(b['mask'].sum() for b in batches) == n
     assert sorted(np.concatenate([b['labels'][b['mask'] > 0] for b in batches]).tolist()) == expected
-  hosts = [list(imagenet_input.eval_batches(c, source, zero, 'center', 4, process_index=i, process_count=2))
+  hosts = [list(streams.eval_batches(c, source, zero, 'center', 4, process_index=i, process_count=2))
            for i in range(2)]
   assert len(hosts[0]) == len(hosts[1])  # the hosts step in lockstep
   labels = [b['labels'][b['mask'] > 0] for h in hosts for b in h]
   assert sorted(np.concatenate(labels).tolist()) == expected
   images = np.concatenate([b['images'][b['mask'] > 0] for h in hosts for b in h])
   assert len({im.tobytes() for im in images}) == n  # nine different images, none twice
-  multi = list(imagenet_input.eval_batches(c, source, zero, 'multiscale', 4))
+  multi = list(streams.eval_batches(c, source, zero, 'multiscale', 4))
   assert len(multi) == n and all(b['images_40'].shape[1:3] in ((40, 56), (53, 40), (40, 40), (40, 64))
                                  for b in multi)
 
 
 def test_mean_is_sampled_over_the_whole_training_split(folder):
-  picked = imagenet_input.mean_sample(1000, 100)
+  picked = streams.mean_sample(1000, 100)
   assert len(set(picked.tolist())) == 100 and picked.min() < 100 and picked.max() > 900  # not the first files
-  np.testing.assert_array_equal(imagenet_input.mean_sample(12, 0), np.arange(12))
+  np.testing.assert_array_equal(streams.mean_sample(12, 0), np.arange(12))
   c = tiny_imagenet_config(folder, **{'data.mean_examples': 6})
-  source = imagenet_input.source(c.data, 'train')
-  idx = imagenet_input.mean_sample(len(source), 6)
+  source = data_sources.streamed_source(c.data, 'train')
+  idx = streams.mean_sample(len(source), 6)
   assert len(set(source.labels[idx].tolist())) > 1  # more than the first class
-  views = [imagenet_input.center_view(source[int(i)], c.data).astype(np.float64) for i in idx]
-  np.testing.assert_allclose(imagenet_input.compute_pixel_mean(c.data, source), np.mean(views, 0), atol=1e-4)
+  views = [image_ops.center_view(source[int(i)], c.data).astype(np.float64) for i in idx]
+  np.testing.assert_allclose(streams.compute_pixel_mean(c.data, source), np.mean(views, 0), atol=1e-4)
 
 
 def test_missing_data_errors_say_what_to_do(tmp_path):
   c = tiny_imagenet_config(tmp_path / 'nothing')
-  with pytest.raises(imagenet_input.DatasetNotFoundError, match='train/<class>/\\*.JPEG'):
-    imagenet_input.source(c.data, 'train')
+  with pytest.raises(errors.DatasetNotFoundError, match='train/<class>/\\*.JPEG'):
+    data_sources.streamed_source(c.data, 'train')
   c = tiny_imagenet_config(tmp_path, **{'data.source': 'tfds', 'data.dataset': 'imagenet2012'})
   if importlib.util.find_spec('tensorflow_datasets') is None:
-    with pytest.raises(imagenet_input.DatasetNotFoundError, match='pip install tensorflow-datasets'):
-      imagenet_input.source(c.data, 'train')
+    with pytest.raises(errors.DatasetNotFoundError, match='pip install tensorflow-datasets'):
+      data_sources.streamed_source(c.data, 'train')
     return
-  with pytest.raises(imagenet_input.DatasetNotFoundError) as e:
-    imagenet_input.source(c.data, 'train')
+  with pytest.raises(errors.DatasetNotFoundError) as e:
+    data_sources.streamed_source(c.data, 'train')
   assert 'ILSVRC2012_img_train.tar' in str(e.value) and '--file_format=array_record' in str(e.value)
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in str(e.value)
   c.data.source = 'lmdb'
   with pytest.raises(ValueError, match='valid choices: tfds, folder'):
-    imagenet_input.source(c.data, 'train')
+    validation.validate(c, 1)
 
 
 class _FakeTfds:
@@ -291,16 +297,16 @@ def test_tfds_array_record_source_reads_encoded_images_by_index(folder, monkeypa
   fake = _FakeTfds(records)
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
   c = tiny_imagenet_config('', **{'data.source': 'tfds', 'model.num_classes': 3})
-  source = imagenet_input.source(c.data, 'train')
+  source = data_sources.streamed_source(c.data, 'train')
   assert len(source) == 3 and source.class_names == list(CLASSES)
   r = source[2]
   assert r['label'] == 2 and r['image'] == records[2]['image'] and paths[2].name in r['name']
   assert fake.calls == [('imagenet2012', 'train', {'image': 'skip'})]  # the images stay encoded
-  view = imagenet_input.center_view(r, c.data)
-  np.testing.assert_array_equal(view, imagenet_input.center_view(_record(paths[2]), c.data))
+  view = image_ops.center_view(r, c.data)
+  np.testing.assert_array_equal(view, image_ops.center_view(_record(paths[2]), c.data))
   fake.file_format = 'tfrecord'
-  with pytest.raises(imagenet_input.DatasetNotFoundError, match='not ArrayRecord'):
-    imagenet_input.source(c.data, 'train')
+  with pytest.raises(errors.DatasetNotFoundError, match='not ArrayRecord'):
+    data_sources.streamed_source(c.data, 'train')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,10 +319,10 @@ def test_an_empty_class_folder_is_named(folder, tmp_path):
   (root / 'train' / 'dog').mkdir()
   c = tiny_imagenet_config(root)
   with pytest.raises(ValueError, match=r"hold no images .*\['dog'\]"):
-    imagenet_input.source(c.data, 'train')
+    data_sources.streamed_source(c.data, 'train')
   (root / 'val' / 'dog').mkdir()
   (root / 'train' / 'dog' / 'a.JPEG').write_bytes((folder / 'train' / 'ant' / 'ant_0.JPEG').read_bytes())
-  assert len(imagenet_input.source(c.data, 'val')) == 9  # a class without validation images is fine
+  assert len(data_sources.streamed_source(c.data, 'val')) == 9  # a class without validation images is fine
 
 
 def test_a_corrupt_image_stops_the_stream_naming_the_file(folder, tmp_path):
@@ -325,24 +331,27 @@ def test_a_corrupt_image_stops_the_stream_naming_the_file(folder, tmp_path):
   shutil.copytree(folder, root)
   bad = root / 'train' / 'bee' / 'bee_1.JPEG'
   bad.write_bytes(bad.read_bytes()[:200])  # truncated in the middle of the image data
-  stream = _streamed(tiny_imagenet_config(root, **{'data.mean': 'none'})).host_batches(0)
-  with pytest.raises(imagenet_input.CorruptImageError, match='bee_1.JPEG.*Replace or remove that file'):
+  stream = _host_batches(tiny_imagenet_config(root, **{'data.mean': 'none'}))
+  with pytest.raises(errors.CorruptImageError, match='bee_1.JPEG.*Replace or remove that file'):
     for _ in range(3):  # two epochs: the file is read in one of the first three batches
       next(stream)
-  with pytest.raises(imagenet_input.CorruptImageError, match='bee_1.JPEG'):  # the mean image reads it too
+  with pytest.raises(errors.CorruptImageError, match='bee_1.JPEG'):  # the mean image reads it too
     _streamed(tiny_imagenet_config(root)).mean
-  assert isinstance(imagenet_input.CorruptImageError('x'), trainer.USER_ERRORS)
+  assert isinstance(errors.CorruptImageError('x'), errors.USER_ERRORS)
 
 
-def test_resuming_on_other_classes_or_examples_is_refused(folder):
+def test_resuming_continues_the_saved_position_and_refuses_other_classes_or_examples(folder):
   inp = _streamed(tiny_imagenet_config(folder))
-  saved = {imagenet_input.POSITION_KEY: 16, 'num_examples': 12, 'class_names': list(CLASSES)}
-  assert inp.resume_position(2, saved) == 16
-  assert inp.resume_position(2, None) == 16  # a checkpoint without the state: step x batch, the same position
+  assert inp.iterator_state() == {'num_examples': 12, 'class_names': list(CLASSES)}  # no stream started yet
+  saved = {streams.POSITION_KEY: 16, 'num_examples': 12, 'class_names': list(CLASSES)}
+  for state in (saved, None):  # a checkpoint without the state: step x batch, the same position
+    next(inp.train_inputs(2, state))
+    assert inp.iterator_state() == {**saved, streams.POSITION_KEY: 24}  # after the batch of step 2
+    inp.close()
   with pytest.raises(ValueError, match=r"missing here: \['bear'\]; new here: \['bee'\]"):
-    inp.resume_position(2, {**saved, 'class_names': ['ant', 'bear', 'cow']})
-  with pytest.raises(ValueError, match='13 training examples; this data source has 12'):
-    inp.resume_position(2, {**saved, 'num_examples': 13})
+    inp.train_inputs(2, {**saved, 'class_names': ['ant', 'bear', 'cow']})
+  with pytest.raises(ValueError, match='13 training examples, here 12'):
+    inp.train_inputs(2, {**saved, 'num_examples': 13})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,20 +370,20 @@ def test_evaluator_top1_top5_match_a_direct_computation(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
   model, variables = _resnet8(num_classes=7)
   mean = np.zeros(3, np.float32)
-  source = imagenet_input.source(c.data, 'val')
-  batches = list(imagenet_input.eval_batches(c, source, mean, 'center', 4))
+  source = data_sources.streamed_source(c.data, 'val')
+  batches = list(streams.eval_batches(c, source, mean, 'center', 4))
   x = np.concatenate([b['images'][b['mask'] > 0] for b in batches])
   y = np.concatenate([b['labels'][b['mask'] > 0] for b in batches])
   log_probs = np.asarray(jax.jit(lambda x: jax.nn.log_softmax(model.apply(variables, x, train=False)))(x))
   order = np.argsort(-log_probs, axis=1)
-  r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, source, mean, 'center', 4))
+  r = evaluate.evaluate(model, variables, streams.eval_batches(c, source, mean, 'center', 4))
   assert r['count'] == 9
   assert r['top1_error'] == pytest.approx(np.mean(order[:, 0] != y))
   assert r['top5_error'] == pytest.approx(np.mean(~np.any(order[:, :5] == y[:, None], 1)))
   assert r['loss'] == pytest.approx(np.mean(-log_probs[np.arange(9), y]), rel=1e-5)
   for protocol in ('10crop', 'multiscale'):
     bs = evaluate.protocol_batch_size(c, protocol, jax.local_device_count())
-    r = evaluate.evaluate(model, variables, imagenet_input.eval_batches(c, source, mean, protocol, bs), protocol)
+    r = evaluate.evaluate(model, variables, streams.eval_batches(c, source, mean, protocol, bs), protocol)
     assert r['count'] == 9 and 0 <= r['top5_error'] <= r['top1_error'] <= 1
 
 
@@ -389,8 +398,8 @@ def test_dense_scores_reduce_to_the_logits_when_the_pool_covers_the_map():
 
 def test_evaluating_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
   c = tiny_imagenet_config(tmp_path)
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match='No checkpoint under'):
-    checkpoint.restore_from_workdir(c, str(tmp_path), train.make_mesh())
+  with pytest.raises(errors.CheckpointNotFoundError, match='No checkpoint under'):
+    checkpoint.restore_from_workdir(c, str(tmp_path), mesh_lib.make_mesh())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,7 +409,7 @@ def test_bn_recalibration_equals_the_statistics_of_the_data_it_saw():
   model, variables = _resnet8()
   key = jax.random.key(3)
   batches = [2.0 * jax.random.normal(jax.random.fold_in(key, i), (k, 8, 8, 3)) + 0.5 for i, k in enumerate((8, 4, 8))]
-  new = bn_recalibration.recalibrate(model, variables, batches, devices=jax.devices()[:1])
+  new = bn_recalibration.recalibrate(model, variables, batches)
   # The truth: every BN's input is the output of the conv before it, in the same training-mode passes.
   stats_model = model.clone(bn_group_size=0)
   conv_outputs = jax.jit(lambda x: stats_model.apply(
@@ -428,7 +437,7 @@ def test_bn_recalibration_equals_the_statistics_of_the_data_it_saw():
 # ---------------------------------------------------------------------------------------------------------------
 # torchvision weights.
 
-def _torch_resnet(depth, num_classes):
+def torch_resnet(depth, num_classes):
   """A ResNet with torchvision's module layout and parameter names, written here (no torchvision needed)."""
   import torch
   from torch import nn
@@ -521,7 +530,7 @@ def _tv_config(depth, num_classes):
 @pytest.mark.parametrize('depth', [18, 50])
 def test_torchvision_weights_give_the_same_logits(depth):
   import torch
-  net = _torch_resnet(depth, num_classes=5)
+  net = torch_resnet(depth, num_classes=5)
   sd = {k: v.numpy() for k, v in net.state_dict().items()}
   c = _tv_config(depth, 5)
   params, batch_stats = torchvision_weights.convert(sd, c.model)
@@ -700,7 +709,7 @@ def test_streamed_run_killed_anywhere_resumes_to_the_uninterrupted_result(folder
   assert len(arrays) > 20 and arrays.keys() == ref_arrays.keys()
   for k in arrays:
     assert arrays[k] == ref_arrays[k], f'{k} differs'
-  assert data_state == ref_data_state == {imagenet_input.POSITION_KEY: 48, 'num_examples': 12,
+  assert data_state == ref_data_state == {streams.POSITION_KEY: 48, 'num_examples': 12,
                                           'class_names': list(CLASSES)}
 
 
@@ -747,7 +756,7 @@ def test_main_trains_a_resnet18_on_the_folder_and_the_evaluator_reads_it(folder,
 def test_bn_recalibration_from_the_training_stream(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
   model, variables = _resnet8()
-  inp = input_pipeline.StreamedInput(c, train.make_mesh())
+  inp = input_pipeline.StreamedInput(c, mesh_lib.make_mesh())
   with pytest.raises(ValueError, match='fewer than one batch'):
     bn_recalibration.recalibrate_from_input(c, model, variables, inp, 4)
   new = bn_recalibration.recalibrate_from_input(c, model, variables, inp, 16)
@@ -755,3 +764,21 @@ def test_bn_recalibration_from_the_training_stream(folder):
   # Fresh statistics are mean 0 / var 1; 0..255 pixels through the stem conv give something else entirely.
   assert np.all(np.isfinite(stem['var'])) and np.abs(np.asarray(stem['mean'])).max() > 1
   assert set(new['batch_stats']) == set(variables['batch_stats'])
+
+
+def test_bn_recalibration_from_the_in_memory_training_views():
+  c = tiny_config()  # the embedded digits at 8x8: the views are cropped and flipped on the device, as in the step
+  inp = input_pipeline.create(c, mesh_lib.make_mesh())
+  views = list(inp.training_batches(2, c.batch_size))
+  step_batch = jax.jit(lambda step, *a: inp.device_batch(step, *a, seed=c.seed)[0])
+  for step, view in enumerate(views):
+    assert view.shape == (c.batch_size, 8, 8, 3) and view.dtype == np.float32
+    np.testing.assert_array_equal(view, np.asarray(step_batch(step, *next(inp.train_inputs(0)))))
+  model = models.create_model(c.model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  new = bn_recalibration.recalibrate_from_input(c, model, variables, inp, 2 * c.batch_size)
+  expected = bn_recalibration.recalibrate(model, variables, views)
+  for a, b in zip(jax.tree_util.tree_leaves(new['batch_stats']), jax.tree_util.tree_leaves(expected['batch_stats'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  with pytest.raises(ValueError, match='batches of config.batch_size=32, not 16'):
+    next(inp.training_batches(1, 16))

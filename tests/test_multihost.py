@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, distributed, metrics_io, models, train, trainer
+from resnet_jax import checkpoint, distributed, metrics_io, models, train_loop, train_step
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def _rows(workdir):
 
 def _params(workdir, step, config):
   model = models.create_model(config.model, bn_group_size=config.bn_group_size)
-  template = train.init_state(config, model, (8, 8, 3), 10)  # on one device: any checkpoint topology restores
+  template = train_step.init_state(config, model, (8, 8, 3), 10)  # on one device: any checkpoint topology restores
   return checkpoint.Checkpointer(workdir).restore(template, step)
 
 
@@ -105,7 +105,7 @@ def _wait_for(path, text, procs, timeout=180):
 def test_two_processes_train_like_one_process_with_four_devices_and_resume(tmp_path):
   config = tiny_config(**OVERRIDES)
   assert jax.device_count() == 4
-  trainer.train_and_evaluate(config, str(tmp_path / 'one'))                 # 1 process x 4 devices
+  train_loop.train_and_evaluate(config, str(tmp_path / 'one'))                 # 1 process x 4 devices
 
   # 2 processes x 2 devices. A SIGTERM to process 1 alone, sent before training starts, must stop both at the same
   # early step with a checkpoint (jax's preemption sync: the notice reaches every process) ...
@@ -220,18 +220,3 @@ def test_incomplete_or_wrong_flags_are_refused_before_anything_starts(kwargs, me
   with pytest.raises(ValueError, match=message):
     distributed.initialize(**kwargs)
   assert not jax.distributed.is_initialized()
-
-
-def test_global_arrays_from_process_blocks_alone():
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  mesh = train.make_mesh()
-  batch = NamedSharding(mesh, P(train.DATA_AXIS))
-  host = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
-  assert distributed.process_slice(batch, host.shape) == (slice(0, 8), slice(0, 3))
-  np.testing.assert_array_equal(np.asarray(distributed.global_array(batch, host, host.shape)), host)
-  with pytest.raises(ValueError, match=r'block of shape \(8, 3\)'):
-    distributed.global_array(batch, host[:4], host.shape)
-  split = NamedSharding(mesh, P(None, train.DATA_AXIS))
-  padded = distributed.shard_from_host(split, host.reshape(2, 4, 3))
-  assert padded.sharding == split and len(padded.addressable_shards) == 4
-  np.testing.assert_array_equal(np.asarray(padded), host.reshape(2, 4, 3))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import faults
-from resnet_jax import checkpoint, config_base, metrics_io, train, trainer
+from resnet_jax import checkpoint, config_base, errors, metrics_io, train_loop, train_step
 from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,9 +266,9 @@ def test_every_checkpoint_damaged_is_one_clear_error_and_nothing_is_moved(tmp_pa
   for s in (1, 2):
     _truncate_largest_file(str(tmp_path / 'checkpoints' / str(s)))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  with pytest.raises(checkpoint.NoUsableCheckpointError, match=r'Every checkpoint .* is damaged \(steps \[1, 2\]\)'):
+  with pytest.raises(errors.NoUsableCheckpointError, match=r'Every checkpoint .* is damaged \(steps \[1, 2\]\)'):
     ckpt.restore_latest(_State.at(0), report=lambda _: None)
-  assert isinstance(checkpoint.NoUsableCheckpointError('x'), trainer.USER_ERRORS)
+  assert isinstance(errors.NoUsableCheckpointError('x'), errors.USER_ERRORS)
   assert ckpt.all_steps() == [1, 2] and not (tmp_path / 'checkpoints_damaged').exists()
   ckpt.close()
 
@@ -305,29 +305,29 @@ def _tiny(**overrides):
 
 def _spike_lr_at(monkeypatch, bad_steps):
   """The learning rate is infinite at the 0-based steps `bad_steps`, so their updates are not finite."""
-  original = train.learning_rate
+  original = train_step.learning_rate
 
   def spiky(config, step, warmup_done):
     bad = jnp.any(jnp.asarray([step == s for s in bad_steps]))
     return jnp.where(bad, jnp.inf, original(config, step, warmup_done))
 
-  monkeypatch.setattr(train, 'learning_rate', spiky)
+  monkeypatch.setattr(train_step, 'learning_rate', spiky)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
   _spike_lr_at(monkeypatch, [3])  # the 4th update; the checkpoint at step 3 is the last good one
-  with pytest.raises(trainer.NonFiniteLossError) as e:
-    trainer.train_and_evaluate(_tiny(eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
+  with pytest.raises(errors.NonFiniteLossError) as e:
+    train_loop.train_and_evaluate(_tiny(eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
   msg = str(e.value)
   assert 'non-finite at step 4 (found at step 6)' in msg and 'Last good checkpoint: step 3 in' in msg
-  assert 'nonfinite_loss=skip' in msg and isinstance(e.value, trainer.USER_ERRORS)
+  assert 'nonfinite_loss=skip' in msg and isinstance(e.value, errors.USER_ERRORS)
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [3]  # the broken state was not checkpointed
   assert [r['step'] for r in metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))] == [3]
 
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
   _spike_lr_at(monkeypatch, [3, 4])  # updates 4 and 5 are not finite
-  last = trainer.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10,
+  last = train_loop.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10,
                                           eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
   assert [(r['step'], r['skipped_steps']) for r in rows] == [(3, 0), (6, 2)]
@@ -343,7 +343,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_a_second_sigint_interrupts_at_once():
-  with trainer._StopRequest() as stop:
+  with train_loop.StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
@@ -406,7 +406,7 @@ BAD_INPUTS = [
     ('unreadable image', {'data.source': 'folder', 'model.num_classes': 2}, _folder('unreadable'),
      r'Cannot read image .*9\.png'),
     ('classes differ between splits', {'data.source': 'folder', 'model.num_classes': 2}, _folder('classes'),
-     r"classes of .*test differ .* missing \['dog'\], extra \['horse'\]"),
+     r"test has classes that .*train lacks: \['horse'\]"),
     ('resume with another model', {'model.depth': 14, 'data.pad': 2}, None,
      r'(?s)model, data or recipe differ.*data\.pad: checkpoint has 1, this run has 2.*model\.depth.*--force_resume'),
 ]
@@ -421,8 +421,8 @@ def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(reference, tmp_
   if make_folder:
     make_folder(tmp_path / 'images')
     overrides = {**overrides, 'data.data_dir': str(tmp_path / 'images')}
-  with pytest.raises(trainer.USER_ERRORS, match=message):
-    trainer.train_and_evaluate(_ref_config(**overrides), str(workdir))
+  with pytest.raises(errors.USER_ERRORS, match=message):
+    train_loop.train_and_evaluate(_ref_config(**overrides), str(workdir))
   assert _snapshot(workdir) == before
 
 
@@ -430,10 +430,10 @@ def test_forced_resume_into_a_different_model_names_the_arrays_that_do_not_fit(r
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
   before = _snapshot(workdir)
-  with pytest.raises(checkpoint.ConfigMismatchError,
+  with pytest.raises(errors.ConfigMismatchError,
                      match=r"(?s)checkpoint at step 12 .* does not fit.*\['params'\]\['stage1_block2'\].*"
                            r"checkpoint <absent>"):
-    trainer.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
+    train_loop.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
   assert _snapshot(workdir) == before
 
 
@@ -445,7 +445,7 @@ def small_run(tmp_path_factory):
   """A finished 6-step run on an image folder, checkpointed at steps 3 and 6: ROOT/run, its images in ROOT/images."""
   root = tmp_path_factory.mktemp('small_run')
   write_image_folder(root / 'images', size=8, classes=('cat', 'dog'), per_class=16)
-  trainer.train_and_evaluate(_small(root / 'images'), str(root / 'run'), devices=jax.devices()[:1])
+  train_loop.train_and_evaluate(_small(root / 'images'), str(root / 'run'), devices=jax.devices()[:1])
   return root
 
 
@@ -464,8 +464,8 @@ def test_resume_with_a_changed_recipe_is_refused_naming_each_field_with_both_val
   before = _snapshot(workdir)
   changed = {'num_steps': 9, 'learning_rate': 0.2, 'lr_boundaries': (5,), 'momentum_form': 'pytorch',
              'weight_decay': 5e-4, 'warmup.until_error': 0.5, 'seed': 1}
-  with pytest.raises(checkpoint.ConfigMismatchError) as e:
-    trainer.train_and_evaluate(_small(small_run / 'images', **changed), str(workdir), devices=jax.devices()[:1])
+  with pytest.raises(errors.ConfigMismatchError) as e:
+    train_loop.train_and_evaluate(_small(small_run / 'images', **changed), str(workdir), devices=jax.devices()[:1])
   msg = str(e.value)
   for line in ('num_steps: checkpoint has 6, this run has 9', 'learning_rate: checkpoint has 0.1, this run has 0.2',
                'lr_boundaries: checkpoint has [4], this run has [5]',
@@ -482,7 +482,7 @@ def test_a_dataset_moved_to_another_directory_resumes(small_run, tmp_path):
   shutil.copytree(small_run / 'run', workdir)
   shutil.rmtree(workdir / 'checkpoints' / '6')  # as if the run had been stopped after its step-3 checkpoint
   shutil.copytree(small_run / 'images', tmp_path / 'moved')
-  last = trainer.train_and_evaluate(_small(tmp_path / 'moved'), str(workdir), devices=jax.devices()[:1])
+  last = train_loop.train_and_evaluate(_small(tmp_path / 'moved'), str(workdir), devices=jax.devices()[:1])
   assert last['step'] == 6 and checkpoint.Checkpointer(str(workdir)).all_steps() == [3, 6]
   assert _config_record(workdir / 'config.json')['data']['data_dir'] == str(tmp_path / 'moved')
   assert _config_record(workdir / 'config.json.1')['data']['data_dir'] == str(small_run / 'images')
@@ -492,10 +492,10 @@ def test_forced_resume_keeps_each_earlier_config_record(small_run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(small_run / 'run', workdir)
   images, one = small_run / 'images', jax.devices()[:1]
-  trainer.train_and_evaluate(_small(images, num_steps=9), str(workdir), force_resume=True, devices=one)
-  trainer.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), force_resume=True,
+  train_loop.train_and_evaluate(_small(images, num_steps=9), str(workdir), force_resume=True, devices=one)
+  train_loop.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), force_resume=True,
                              devices=one)
-  trainer.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), devices=one)  # same
+  train_loop.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), devices=one)  # same
   records = [_config_record(workdir / name) for name in ('config.json.1', 'config.json.2', 'config.json')]
   assert [(r['num_steps'], r['learning_rate']) for r in records] == [(6, 0.1), (9, 0.1), (9, 0.05)]
   assert not (workdir / 'config.json.3').exists()  # an unchanged config replaces nothing
@@ -506,8 +506,8 @@ def test_damaged_config_record_in_the_workdir_is_one_clear_error(reference, tmp_
   shutil.copytree(reference, workdir)
   (workdir / 'config.json').write_text('{"model": {"depth": 8')
   before = _snapshot(workdir)
-  with pytest.raises(trainer.USER_ERRORS, match=r'config\.json is not valid JSON .* Restore it, or use another'):
-    trainer.train_and_evaluate(_ref_config(), str(workdir))
+  with pytest.raises(errors.USER_ERRORS, match=r'config\.json is not valid JSON .* Restore it .*or use another --workdir'):
+    train_loop.train_and_evaluate(_ref_config(), str(workdir))
   assert _snapshot(workdir) == before
 
 
@@ -522,7 +522,7 @@ def test_unwritable_workdir_is_refused_and_nothing_is_created(tmp_path, kind):
     (tmp_path / 'ro').mkdir(mode=0o500)
     workdir = tmp_path / 'ro' / 'run'
   with pytest.raises(PermissionError, match='choose another --workdir'):
-    trainer.train_and_evaluate(_ref_config(), str(workdir))
+    train_loop.train_and_evaluate(_ref_config(), str(workdir))
   assert not os.path.exists(workdir)
 
 

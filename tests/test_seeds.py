@@ -7,7 +7,7 @@ kernels gain a leading replica axis, which XLA lowers as one grouped convolution
 instead of K plain ones, and its kernels add the products in another order. With 'unroll' (the CPU's default)
 each replica runs the single-seed step, but XLA compiles the K steps as one program and fuses some reductions
 differently (differences of a few 1e-9 after 5 steps). Either way the difference is float32 rounding: 1e-5
-(relative and absolute), the tolerance of the 1- vs 4-device comparison in test_train.py, after a few steps.
+(relative and absolute), the tolerance of the 1- vs 4-device comparison in test_train_step.py, after a few steps.
 """
 import json
 import os
@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, metrics_io, train, trainer
+from resnet_jax import (checkpoint, errors, mesh as mesh_lib, metrics_io, run_record, train_loop, train_step,
+                        validation)
 from helpers import tiny_config, training_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ TIMING = ('examples_per_sec',)
 
 
 def _steps(config, devices, steps):
-  _, state, step, args = training_step(config, train.make_mesh(devices))
+  _, state, step, args = training_step(config, mesh_lib.make_mesh(devices))
   for _ in range(steps):
     state = step(state, *args)
   return jax.device_get(state)
@@ -56,10 +57,10 @@ def test_two_seeds_in_one_step_equal_each_seed_trained_alone(batching):
 
 
 def test_replica_initial_states_are_the_single_seed_initial_states_bit_for_bit():
-  mesh = train.make_mesh(jax.devices()[:1])
-  _, both = train.create_model_and_state(tiny_config(seed=3, num_seeds=2), mesh)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  _, both = train_step.create_model_and_state(tiny_config(seed=3, num_seeds=2), mesh)
   for k, seed in enumerate((3, 4)):
-    _, alone = train.create_model_and_state(tiny_config(seed=seed), mesh)
+    _, alone = train_step.create_model_and_state(tiny_config(seed=seed), mesh)
     for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(both)), jax.tree_util.tree_leaves(jax.device_get(alone))):
       np.testing.assert_array_equal(x[k], y)
 @pytest.mark.slow
@@ -69,42 +70,43 @@ def test_two_seeds_on_1_and_4_devices_give_the_same_states():
 
 
 def test_seed_batching_is_unrolled_on_the_cpu_by_default_and_unknown_values_are_refused():
-  mesh = train.make_mesh(jax.devices()[:1])
-  assert train.seed_batching(tiny_config(num_seeds=2), mesh) == 'unroll'
-  assert train.seed_batching(tiny_config(num_seeds=2, seed_batching='vmap'), mesh) == 'vmap'
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  assert train_step.seed_batching(tiny_config(num_seeds=2), mesh) == 'unroll'
+  assert train_step.seed_batching(tiny_config(num_seeds=2, seed_batching='vmap'), mesh) == 'vmap'
   with pytest.raises(ValueError, match='valid choices: auto, vmap, unroll'):
-    train.validate(tiny_config(seed_batching='scan'), 1)
+    validation.validate(tiny_config(seed_batching='scan'), 1)
 
 
 def test_num_seeds_below_one_is_refused():
   with pytest.raises(ValueError, match=r'config\.num_seeds=0 must be at least 1'):
-    train.validate(tiny_config(num_seeds=0), 1)
+    validation.validate(tiny_config(num_seeds=0), 1)
 @pytest.mark.slow
 def test_a_step_too_large_for_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, 'available_memory_bytes', lambda device: 1000)
+  monkeypatch.setattr(validation, 'available_memory_bytes', lambda device: 1000)
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError, match=r'num_seeds=2 seed\(s\) needs about [0-9.]+ GiB .* but 0\.00 GiB is available'):
-    trainer.train_and_evaluate(tiny_config(num_seeds=2), str(workdir))
+    train_loop.train_and_evaluate(tiny_config(num_seeds=2), str(workdir))
   assert not workdir.exists()
 @pytest.mark.slow
 def test_memory_estimate_grows_with_the_seeds():
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   estimates = []
   for k in (1, 4):
     _, state, step, args = training_step(tiny_config(num_seeds=k), mesh)
-    estimates.append(train.step_memory_bytes(step.lower(state, *args).compile()))
+    estimates.append(validation.step_memory_bytes(step.lower(state, *args).compile()))
   assert estimates[0] is not None and estimates[1] > 2 * estimates[0]
 
 
-def test_resuming_with_another_number_of_seeds_is_refused_and_old_records_read_as_one_seed():
-  saved = checkpoint.config_to_dict(tiny_config(num_seeds=2))
-  with pytest.raises(checkpoint.ConfigMismatchError, match=r'num_seeds: checkpoint has 2, this run has 3'):
-    checkpoint.check_resume_config(saved, tiny_config(num_seeds=3))
-  older = checkpoint.config_to_dict(tiny_config())
+def test_resuming_with_another_number_of_seeds_is_refused_and_old_records_read_as_one_seed(tmp_path):
+  run_record.write(str(tmp_path), tiny_config(num_seeds=2))
+  with pytest.raises(errors.ConfigMismatchError, match=r'num_seeds: checkpoint has 2, this run has 3'):
+    run_record.check_resume(str(tmp_path), tiny_config(num_seeds=3))
+  older = run_record.config_to_dict(tiny_config())
   del older['num_seeds']  # a config.json written before the field existed
-  checkpoint.check_resume_config(older, tiny_config())
-  with pytest.raises(checkpoint.ConfigMismatchError, match='num_seeds'):
-    checkpoint.check_resume_config(older, tiny_config(num_seeds=2))
+  run_record.write_json(str(tmp_path / 'config.json'), older)
+  run_record.check_resume(str(tmp_path), tiny_config())
+  with pytest.raises(errors.ConfigMismatchError, match='num_seeds'):
+    run_record.check_resume(str(tmp_path), tiny_config(num_seeds=2))
 
 
 def _rows(path):
@@ -114,7 +116,7 @@ def _rows(path):
 @pytest.mark.slow
 def test_a_run_of_two_seeds_writes_each_seed_as_the_run_of_that_seed_alone(tmp_path):
   both = tmp_path / 'both'
-  last = trainer.train_and_evaluate(tiny_config(num_seeds=2), str(both))
+  last = train_loop.train_and_evaluate(tiny_config(num_seeds=2), str(both))
   assert last['step'] == 6 and sorted(last['seeds']) == [0, 1]
   assert not (both / 'metrics.jsonl').exists() and (both / 'curves.png').stat().st_size > 1000
   assert json.load(open(both / 'config.json'))['num_seeds'] == 2
@@ -122,7 +124,7 @@ def test_a_run_of_two_seeds_writes_each_seed_as_the_run_of_that_seed_alone(tmp_p
   seed_rows = []
   for k in (0, 1):
     alone = tmp_path / f'alone{k}'
-    trainer.train_and_evaluate(tiny_config(seed=k), str(alone))
+    train_loop.train_and_evaluate(tiny_config(seed=k), str(alone))
     recorded = json.load(open(both / f'seed{k}' / 'config.json'))
     assert (recorded['seed'], recorded['num_seeds']) == (k, 1)
     rows, expected = _rows(both / f'seed{k}' / 'metrics.jsonl'), _rows(alone / 'metrics.jsonl')
@@ -141,7 +143,7 @@ def test_report_reads_each_seed_of_a_program(tmp_path):
   for k, err in ((0, 0.09), (1, 0.085), (2, 0.1)):
     run = tmp_path / 'table6' / 'resnet-20' / 'seeds0-2' / f'seed{k}'
     run.mkdir(parents=True)
-    c = trainer.single_seed_config(tiny_config(**{'model.depth': 20, 'num_steps': 64_000}), k)
+    c = train_loop.single_seed_config(tiny_config(**{'model.depth': 20, 'num_steps': 64_000}), k)
     c.data.dataset = 'cifar10'
     (run / 'config.json').write_text(c.to_json())
     (run / 'metrics.jsonl').write_text(json.dumps({'step': 64_000, 'train_error': 0.01, 'test_error': err}) + '\n')
@@ -172,7 +174,7 @@ def test_curves_of_several_seeds_are_their_mean_with_a_one_std_band(tmp_path):
   from resnet_jax import plotting
   seeds = [[{'step': 10, 'test_error': 0.5}, {'step': 20, 'test_error': 0.3}],
            [{'step': 10, 'test_error': 0.7}, {'step': 20, 'test_error': 0.1}, {'step': 30, 'test_error': 0.1}]]
-  steps, mean, std = plotting._mean_and_std(seeds, 'test_error')  # pylint: disable=protected-access
+  steps, mean, std = plotting.mean_and_std(seeds, 'test_error')
   assert steps == [10, 20]  # the steps every seed logged
   np.testing.assert_allclose(mean, [60, 20])
   np.testing.assert_allclose(std, [10, 10])
@@ -181,7 +183,7 @@ def test_curves_of_several_seeds_are_their_mean_with_a_one_std_band(tmp_path):
 @pytest.mark.slow
 def test_a_non_finite_replica_is_counted_and_skipped_alone():
   config = tiny_config(num_seeds=2, nonfinite_loss='skip')
-  _, state, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
+  _, state, step, args = training_step(config, mesh_lib.make_mesh(jax.devices()[:1]))
   broken = state.params['head']['kernel'].at[1].set(np.nan)  # replica 1 (seed 1) only
   state = step(state.replace(params={**state.params, 'head': {**state.params['head'], 'kernel': broken}}), *args)
   state = jax.device_get(state)

@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import augment, evaluate, input_pipeline, models, train
+from resnet_jax import augment, evaluate, input_pipeline, mesh as mesh_lib, models, train_step, validation
 from helpers import tiny_config, training_step
 
 
 def _one_step(config, devices, steps=1):
-  _, state, step, args = training_step(config, train.make_mesh(devices))
+  _, state, step, args = training_step(config, mesh_lib.make_mesh(devices))
   for _ in range(steps):
     state = step(state, *args)
   return jax.device_get(state)
@@ -61,7 +61,7 @@ def test_grouped_batchnorm_normalises_each_group_separately():
 def test_learning_rate_schedule_at_and_around_boundaries():
   c = tiny_config()
   c.learning_rate, c.lr_boundaries = 0.1, (32_000, 48_000)
-  lr = lambda s: float(train.learning_rate(c, jnp.asarray(s), jnp.asarray(True)))
+  lr = lambda s: float(train_step.learning_rate(c, jnp.asarray(s), jnp.asarray(True)))
   for s, expected in ((0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)):
     assert lr(s) == pytest.approx(expected), s
 
@@ -69,12 +69,12 @@ def test_learning_rate_schedule_at_and_around_boundaries():
 def test_warmup_holds_then_returns_to_full_lr():
   c = tiny_config(lr_boundaries=())
   c.warmup.enabled = True
-  assert float(train.learning_rate(c, jnp.asarray(10), jnp.asarray(False))) == pytest.approx(0.01)
-  assert float(train.learning_rate(c, jnp.asarray(10), jnp.asarray(True))) == pytest.approx(0.1)
+  assert float(train_step.learning_rate(c, jnp.asarray(10), jnp.asarray(False))) == pytest.approx(0.01)
+  assert float(train_step.learning_rate(c, jnp.asarray(10), jnp.asarray(True))) == pytest.approx(0.1)
   done, ema = jnp.asarray(False), jnp.asarray(0.9)
   history = []
   for step, err in enumerate([0.9, 0.85, 0.5, 0.5, 0.5, 0.5, 0.9, 0.9]):
-    done, ema = train.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(err))
+    done, ema = train_step.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(err))
     history.append(bool(done))
   # A moving average, so one good batch is not enough; once done, it stays done even if the error rises again.
   assert history[:3] == [False, False, False] and history[-1] and history.index(True) >= 3
@@ -87,7 +87,7 @@ def test_warmup_cannot_last_forever():
   done, ema = jnp.asarray(False), jnp.asarray(0.9)
   for step in range(5):
     assert not bool(done)
-    done, ema = train.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(0.95))  # error never falls
+    done, ema = train_step.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(0.95))  # error never falls
   assert bool(done)
 
 
@@ -96,7 +96,7 @@ def test_warmup_switch_inside_the_real_step():
   """ResNet-110 recipe on the digits: the step returns to lr 0.1 once the error falls, within a few dozen steps."""
   c = tiny_config(num_steps=60, batch_size=64, lr_boundaries=())
   c.warmup.enabled = True
-  _, state, step, args = training_step(c, train.make_mesh(jax.devices()[:1]))
+  _, state, step, args = training_step(c, mesh_lib.make_mesh(jax.devices()[:1]))
   lrs = []
   for _ in range(60):
     state = step(state, *args)
@@ -131,8 +131,8 @@ def test_random_flip_flips_exactly_the_flipped_examples():
 def test_epochs_visit_every_example_once_and_reshuffle():
   c = tiny_config(batch_size=10)
   n = 50  # 5 steps per epoch
-  epoch0 = np.concatenate([np.asarray(train.batch_indices(c, n, jnp.asarray(s))) for s in range(5)])
-  epoch1 = np.concatenate([np.asarray(train.batch_indices(c, n, jnp.asarray(s))) for s in range(5, 10)])
+  epoch0 = np.concatenate([np.asarray(input_pipeline.batch_indices(c, n, jnp.asarray(s), c.seed)) for s in range(5)])
+  epoch1 = np.concatenate([np.asarray(input_pipeline.batch_indices(c, n, jnp.asarray(s), c.seed)) for s in range(5, 10)])
   assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))
   assert not np.array_equal(epoch0, epoch1)
 
@@ -145,7 +145,7 @@ def test_eval_counts_every_example():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (1001, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, (1001,), dtype=np.int32)
-  state = train.init_state(c, model, (8, 8, 3), 10)
+  state = train_step.init_state(c, model, (8, 8, 3), 10)
   mean = augment.pixel_mean(images)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   batches = list(input_pipeline.padded_batches(images, labels, 100, lambda x: augment.normalize(x, mean)))
@@ -169,14 +169,14 @@ def test_eval_counts_every_example():
 ])
 def test_bad_run_shapes_are_refused_with_what_to_change(overrides, message):
   with pytest.raises(ValueError, match=message):
-    train.validate(tiny_config(**overrides), 4)
+    validation.validate(tiny_config(**overrides), 4)
 
 
 @pytest.mark.slow
 def test_a_two_axis_mesh_from_config_gives_the_same_step_as_one_device():
   config = tiny_config()
   config.mesh.axes, config.mesh.shape = ('replica', 'data'), (2, -1)
-  mesh = train.make_mesh(jax.devices()[:4], config.mesh)
+  mesh = mesh_lib.make_mesh(jax.devices()[:4], config.mesh)
   assert dict(mesh.shape) == {'replica': 2, 'data': 2}
   _, state, step, args = training_step(config, mesh)
   state = jax.device_get(step(state, *args))
@@ -189,12 +189,12 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused(axes, shape):
   config = tiny_config()
   config.mesh.axes, config.mesh.shape = axes, shape
   with pytest.raises(ValueError, match='config.mesh'):
-    train.make_mesh(jax.devices()[:4], config.mesh)
+    mesh_lib.make_mesh(jax.devices()[:4], config.mesh)
 
 
 def _params_after_each_step(config, steps):
   """(params, velocity) after each of `steps` real steps on one device."""
-  _, state, step, args = training_step(config, train.make_mesh(jax.devices()[:1]))
+  _, state, step, args = training_step(config, mesh_lib.make_mesh(jax.devices()[:1]))
   out = []
   for _ in range(steps):
     state = step(state, *args)
@@ -229,7 +229,7 @@ def test_caffe_and_pytorch_momentum_agree_while_the_lr_is_constant_and_differ_af
 
 def test_unknown_momentum_form_lists_the_choices():
   with pytest.raises(ValueError, match=r"momentum_form 'nesterov'; valid choices: caffe, pytorch"):
-    train.validate(tiny_config(momentum_form='nesterov'), 4)
+    validation.validate(tiny_config(momentum_form='nesterov'), 4)
 
 
 @pytest.mark.slow
@@ -247,4 +247,4 @@ def test_matmul_precision_highest_leaves_cpu_float32_steps_unchanged():
 
 def test_unknown_matmul_precision_lists_the_choices():
   with pytest.raises(ValueError, match=r"matmul_precision 'tf32'; valid choices: highest, high, default"):
-    train.validate(tiny_config(matmul_precision='tf32'), 4)
+    validation.validate(tiny_config(matmul_precision='tf32'), 4)

@@ -1,10 +1,10 @@
-"""The training step: pure functions over an explicit `TrainState`, and the one jitted step built from them.
+"""The training step, pure: an explicit `TrainState`, the recipe's pieces, and the one jitted step built from them.
 
 What the step does: the input (input_pipeline.py) turns its inputs into the step's batch, sharded over the mesh;
 the update (`sgd_update`) runs the network in training mode, SGD with momentum and weight decay at the learning
 rate of `learning_rate` (the recipe of Sec. 4.2 / 3.4), and adds the loss and errors to the open log window. The
 state is replicated; `jax.jit` over the mesh makes the compiler insert the gradient all-reduce. BatchNorm
-statistics are grouped by `config.bn_group_size` (batchnorm.py). The loop around it is trainer.py.
+statistics are grouped by `config.bn_group_size` (batchnorm.py). The loop around the step is train_loop.py.
 """
 from typing import Any
 
@@ -12,13 +12,8 @@ import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from resnet_jax import models
-
-DATA_AXIS = 'data'
+from resnet_jax import mesh as mesh_lib, models
 
 
 @flax.struct.dataclass
@@ -34,68 +29,13 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation of the run's shape against the hardware.
-
-def validate(config, num_devices: int) -> None:
-  """Raises ValueError with what to change when the batch, groups or steps do not fit."""
-  b, g = config.batch_size, config.bn_group_size
-  for name in ('batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-               'eval_batch_size'):
-    if config[name] <= 0:
-      raise ValueError(f'config.{name}={config[name]} must be positive.')
-  if config.num_seeds < 1:
-    raise ValueError(f'config.num_seeds={config.num_seeds} must be at least 1: the number of seeds trained together '
-                     f'(config.seed, config.seed + 1, ...).')
-  if config.seed_batching not in SEED_BATCHING:
-    raise ValueError(f'Unknown config.seed_batching {config.seed_batching!r}; valid choices: '
-                     f'{", ".join(SEED_BATCHING)}.')
-  if config.num_seeds > 1 and config.data.streaming:
-    raise ValueError(f'config.num_seeds={config.num_seeds} needs an in-memory dataset: the streamed input draws one '
-                     'data order for the whole run, not one per seed. Train each seed in its own run.')
-  if config.learning_rate <= 0:
-    raise ValueError(f'config.learning_rate={config.learning_rate} must be positive.')
-  if config.nonfinite_loss not in NONFINITE_POLICIES:
-    raise ValueError(f'Unknown config.nonfinite_loss {config.nonfinite_loss!r}; valid choices: '
-                     f'{", ".join(NONFINITE_POLICIES)}.')
-  if config.matmul_precision not in MATMUL_PRECISIONS:
-    raise ValueError(f'Unknown config.matmul_precision {config.matmul_precision!r}; valid choices: '
-                     f'{", ".join(MATMUL_PRECISIONS)}.')
-  if config.momentum_form not in MOMENTUM_FORMS:
-    raise ValueError(f'Unknown config.momentum_form {config.momentum_form!r}; valid choices: '
-                     f'{", ".join(MOMENTUM_FORMS)}.')
-  if b % num_devices:
-    raise ValueError(f'config.batch_size={b} is not divisible by the {num_devices} devices; use a multiple of '
-                     f'{num_devices} (e.g. {num_devices * max(1, round(b / num_devices))}).')
-  if config.eval_batch_size % num_devices:
-    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} '
-                     'devices.')
-  if g < 0 or g > b:
-    raise ValueError(f'config.bn_group_size={g} must be between 0 (whole batch) and config.batch_size={b}.')
-  if g and b % g:
-    divisors = [d for d in range(2, b) if b % d == 0][-2:]
-    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
-                     f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
-  ls = config.loss_scale
-  if ls.enabled and config.model.dtype != 'float16':
-    raise ValueError(f'config.loss_scale.enabled applies to float16 compute only, but config.model.dtype='
-                     f'{config.model.dtype!r}; set --config.model.dtype=float16 or disable loss scaling.')
-  if ls.enabled and (ls.initial <= 0 or ls.factor <= 1 or ls.growth_interval <= 0):
-    raise ValueError('config.loss_scale needs initial > 0, factor > 1 and growth_interval > 0.')
-  per_device = b // num_devices
-  if g and per_device % g and g % per_device:
-    raise ValueError(f'config.bn_group_size={g} neither divides nor is a multiple of the {per_device} examples '
-                     f'per device ({b} over {num_devices} devices): a group would straddle devices unevenly.')
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Recipe pieces: optimiser and learning rate.
 
 def weight_decay_mask(params, which: str):
+  """None (every parameter decays) for 'all'; for 'kernels', True at the conv and fc weights only."""
   if which == 'all':
     return None
-  if which == 'kernels':
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
-  raise ValueError(f"Unknown config.weight_decay_on {which!r}; valid choices: all, kernels.")
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
 
 
 MOMENTUM_FORMS = ('caffe', 'pytorch')
@@ -189,17 +129,6 @@ def init_state(config, model, image_shape, num_classes: int, seed=None) -> Train
                     loss_scale=init_loss_scale(config))
 
 
-def batch_indices(config, num_examples: int, step, seed=None):
-  """The indices of `step`'s batch: epochs are reshuffled from `seed` (config.seed when None; a traced value under
-  vmap); the last partial batch of an epoch is skipped (as a data loader with drop_last), so every batch has exactly
-  config.batch_size examples."""
-  steps_per_epoch = num_examples // config.batch_size
-  epoch, within = step // steps_per_epoch, step % steps_per_epoch
-  data_key = jax.random.fold_in(jax.random.key(config.seed if seed is None else seed), 1)
-  perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
-  return jax.lax.dynamic_slice_in_dim(perm, within * config.batch_size, config.batch_size)
-
-
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -269,18 +198,22 @@ def seed_batching(config, mesh) -> str:
   return 'unroll' if mesh.devices.flat[0].platform == 'cpu' else 'vmap'
 
 
-def make_train_step(config, model, mesh, inp):
+def make_train_step(config, model, mesh, inp, num_steps: int = 1):
   """The jitted training step of every run: `step(state, *inputs) -> state`, where `inputs` are what the input
   `inp` (input_pipeline.py) feeds for the step and `inp.device_batch` turns them into the batch, inside the step.
   The state is replicated and donated; the batch is sharded over the mesh, and the compiler inserts the gradient
   all-reduce.
+
+  With `num_steps` = N > 1 one call takes N steps in a `fori_loop` on the device (config.steps_per_call), for an
+  input whose step inputs are the same every step (the in-memory sets: the batch is a function of the step
+  number, which the state carries): the states it passes through are those of N calls of the one-step function.
 
   With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step applied to each
   replica with its seed (the data inputs are shared): each replica draws its own batch, augmentation, BN
   statistics, lr and non-finite handling. `seed_batching` decides how: vmapped over the replica axis (each
   replica's batch is still sharded over the mesh: vmap leaves the replica axis of the sharding constraints
   unconstrained), or unrolled, one replica after the other in the same program."""
-  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh))
+  replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
   def replica_step(state, seed, *inputs):
     x, y = inp.device_batch(state.step, *inputs, seed=seed)
@@ -299,6 +232,9 @@ def make_train_step(config, model, mesh, inp):
               for k, seed in enumerate(replica_seeds(config))]
       return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
+  if num_steps > 1:
+    one = step
+    step = lambda state, *inputs: jax.lax.fori_loop(0, num_steps, lambda _, s: one(s, *inputs), state)
   return jax.jit(step, in_shardings=(replicated, *inp.input_shardings), out_shardings=replicated,
                  donate_argnums=(0,))
 
@@ -316,82 +252,5 @@ def create_model_and_state(config, mesh, abstract: bool = False):
     fn = one
   else:
     fn = lambda: jax.vmap(one)(jnp.asarray(replica_seeds(config), jnp.int32))
-  init = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+  init = jax.jit(fn, out_shardings=mesh_lib.replicated(mesh))
   return model, (jax.eval_shape(init) if abstract else init())
-
-
-def make_mesh(devices=None, mesh_config=None) -> Mesh:
-  """The device mesh: `config.mesh.axes` and `.shape` (one -1 takes the remaining devices); by default a single
-  `data` axis over every device. Training is data-parallel over all axes (see `batch_spec`); a second axis such as
-  ('replica', 'data') lets the compiler reduce gradients hierarchically (within a slice or host, then across)."""
-  devices = np.asarray(devices if devices is not None else jax.devices()).ravel()
-  axes, shape = (DATA_AXIS,), (-1,)
-  if mesh_config is not None:
-    axes, shape = tuple(mesh_config.axes), tuple(int(d) for d in mesh_config.shape)
-  if len(axes) != len(shape) or len(set(axes)) != len(axes) or shape.count(-1) > 1 or \
-      any(d == 0 or d < -1 for d in shape):
-    raise ValueError(f'config.mesh: axes={axes} and shape={shape} need one distinct name per dimension and sizes '
-                     '>= 1, with at most one -1 (the remaining devices); e.g. axes=("data",), shape=(-1,).')
-  known = int(np.prod([d for d in shape if d != -1]))
-  if devices.size % known or (-1 not in shape and known != devices.size):
-    raise ValueError(f'config.mesh.shape={shape} does not fit the {devices.size} devices: the sizes must multiply '
-                     f'to {devices.size} (use -1 for one axis to take the rest).')
-  return Mesh(devices.reshape(tuple(devices.size // known if d == -1 else d for d in shape)), axes)
-
-
-def batch_spec(mesh: Mesh, *leading) -> P:
-  """The PartitionSpec of a batch: its example dimension (after `leading` unsharded ones) split over every mesh
-  axis, so each device holds global_batch / num_devices examples whatever the mesh's shape."""
-  names = mesh.axis_names
-  return P(*leading, names[0] if len(names) == 1 else tuple(names))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Will the step fit in memory? (checked before training when several seeds share one program)
-
-def step_memory_bytes(compiled) -> int | None:
-  """Bytes one device needs to run the compiled step: its arguments (state, data), the outputs not aliased to
-  donated arguments, and XLA's temporaries (activations, gradients), from XLA's own memory analysis. None where
-  the backend does not report it."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # not implemented on this backend
-    return None
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
-
-
-def available_memory_bytes(device) -> int | None:
-  """What `device` may allocate: the accelerator's limit, or for CPU devices the host's available memory (which
-  all of this process's CPU devices share). None when unknown."""
-  if device.platform != 'cpu':
-    stats = device.memory_stats() or {}
-    return int(stats['bytes_limit']) if 'bytes_limit' in stats else None
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-def check_memory(config, compiled, devices) -> int | None:
-  """Raises ValueError, naming the estimate, when the compiled step needs more memory than the devices have.
-  CPU devices share the host's memory, so their estimates add up. Returns the estimate (None when unknown)."""
-  per_device = step_memory_bytes(compiled)
-  have = available_memory_bytes(devices[0])
-  if per_device is None or have is None:
-    return per_device
-  cpu = devices[0].platform == 'cpu'
-  need = per_device * (len(devices) if cpu else 1)
-  if need > have:
-    gib = lambda b: f'{b / 2 ** 30:.2f} GiB'
-    raise ValueError(
-        f'The training step of config.num_seeds={config.num_seeds} seed(s) needs about {gib(need)} '
-        f'({"on the host, over " + str(len(devices)) + " CPU devices" if cpu else "per device"}: XLA\'s estimate of '
-        f'the state, the batch and the activations) but {gib(have)} is available. Lower config.num_seeds or '
-        'config.batch_size, or train the seeds in separate runs.')
-  return need
