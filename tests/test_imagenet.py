@@ -7,6 +7,7 @@ reason when torch is missing.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -613,9 +614,10 @@ STREAMED_RUN = ['--config.model.family=cifar', '--config.model.depth=8', '--conf
                 '--config.checkpoint_every_steps=2']
 
 
-def _streamed_main(folder, workdir, *extra, fault=None, cache=None, tmp=None):
-  """`python -m resnet_jax.main` (or tests/faults.py with `fault`) on the folder, with TensorFlow made
-  unimportable: a stand-in package that raises ImportError comes first on the path."""
+def _streamed_main(folder, workdir, *extra, fault=None, cache=None, tmp=None, command=None):
+  """`python -m resnet_jax.main` (or tests/faults.py with `fault`, or `command` with --workdir and `extra` alone) on
+  the folder, with TensorFlow made unimportable: a stand-in package that raises ImportError comes first on the
+  path."""
   blocker = os.path.join(str(tmp or workdir) + '_no_tf', 'tensorflow')
   os.makedirs(blocker, exist_ok=True)
   with open(os.path.join(blocker, '__init__.py'), 'w') as f:
@@ -629,12 +631,36 @@ def _streamed_main(folder, workdir, *extra, fault=None, cache=None, tmp=None):
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   if fault:
     env[faults.ENV] = fault
-  command = [os.path.join(REPO, 'tests', 'faults.py')] if fault else ['-m', 'resnet_jax.main']
-  args = [f'--config={REPO}/configs/imagenet_18.py', f'--workdir={workdir}', f'--config.data.data_dir={folder}',
-          *STREAMED_RUN, *extra]
+  if command:
+    args = [f'--workdir={workdir}', *extra]
+  else:
+    command = [os.path.join(REPO, 'tests', 'faults.py')] if fault else ['-m', 'resnet_jax.main']
+    args = [f'--config={REPO}/configs/imagenet_18.py', f'--workdir={workdir}', f'--config.data.data_dir={folder}',
+            *STREAMED_RUN, *extra]
   # A run takes seconds; a worker process outliving a killed run would hold its output pipes open until the timeout.
   return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=240)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_the_runs_own_config_from_its_workdir(folder, tmp_path):
+  workdir = tmp_path / 'run'
+  trained = _streamed_main(folder, workdir, '--config.batch_size=4', '--config.bn_group_size=2')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  moved = tmp_path / 'moved'
+  shutil.copytree(folder, moved)
+  # --workdir alone: the network, data and batch come from the run's config.json; an override (where the data now
+  # lives) changes only what it names.
+  out = _streamed_main(folder, workdir, '--protocol=10crop', f'--config.data.data_dir={moved}',
+                       command=['-m', 'resnet_jax.evaluate'], tmp=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.load(open(workdir / 'eval_10crop_step6.json'))
+  assert result['count'] == 3 * VAL_PER_CLASS and result['protocol'] == '10crop'
+  assert json.load(open(workdir / 'config.json'))['batch_size'] == 4
+  missing = _streamed_main(folder, tmp_path / 'nothing', '--protocol=center', command=['-m', 'resnet_jax.evaluate'],
+                           tmp=tmp_path)
+  assert missing.returncode != 0 and 'Traceback' not in missing.stderr
+  assert '--config is required' in missing.stderr or 'config.json' in missing.stderr
 
 
 @pytest.fixture(scope='module')
