@@ -18,7 +18,7 @@ c = config_base.cifar(20)
 mesh = mesh_lib.make_mesh()
 inp = benchmark.synthetic_input(c, mesh, examples=1000)
 model, state = train_step.create_model_and_state(c, mesh)
-txt = train_step.make_train_step(c, model, mesh, inp).lower(state, *next(inp.train_inputs(0))).compile().as_text()
+txt = train_step.TrainSteps(c, model, mesh, inp).lower(state, *next(inp.train_inputs(0))).compile().as_text()
 calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', txt))
 print('  compiled step: %d plain convolutions, %d library (__ynn/__xnn/__onednn) fusions, custom calls %s' % (
     len(re.findall(r'\bconvolution\(', txt)), len(re.findall(r'calls=%?__(?:ynn|xnn|onednn)', txt))

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from resnet_jax import errors, metrics_io
+from resnet_jax import errors, metrics_io, run_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, 'configs')
@@ -130,9 +130,6 @@ def write_run_info(workdir: str, info: dict) -> None:
 def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
   """Runs every spec not yet finished. Returns {workdir: 'skipped' | 'finished' | 'stopped' | 'diverged' | status
   for dry runs}. Stops at the first run that was stopped by a signal."""
-  import jax
-  from resnet_jax import train_loop  # imports jax; kept out of module import so --help and dry runs stay light
-
   results = {}
   for spec in specs:
     workdir = spec.workdir(runs_dir)
@@ -146,35 +143,42 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
       results[workdir] = status
       continue
     log(f'[{"resume" if status == "partial" else "start"}] {workdir}')
-    os.makedirs(workdir, exist_ok=True)
-    info = read_run_info(workdir)
-    info.update(experiment=spec.experiment, net=spec.net, seed=spec.seed, num_seeds=spec.config.num_seeds,
-                note=spec.note,
-                planned_steps=spec.config.num_steps)
-    info.setdefault('wall_seconds', 0.0)
-    info.setdefault('invocations', 0)
-    t0 = time.time()
-    outcome = 'error'  # what run_info says if the trainer raises anything else (the exception propagates)
-    try:
-      last = train_loop.train_and_evaluate(spec.config, workdir)
-      # A signal ends the run early: the trainer says so ('stopped_by_signal'), or its last step is short.
-      stopped = last.get('stopped_by_signal') or last.get('step', spec.config.num_steps) < spec.config.num_steps
-      outcome = 'stopped' if stopped else 'finished'
-    except errors.NonFiniteLossError as e:
-      log(f'[diverged] {workdir}: {e}')
-      outcome = 'diverged'
-    finally:
-      info['wall_seconds'] += time.time() - t0
-      # Read after the trainer has chosen the devices (JAX's backends start once, with the trainer's choice).
-      info['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})'
-      info['invocations'] += 1
-      info['last_outcome'] = outcome
-      write_run_info(workdir, info)
+    with run_record.hold(workdir):  # one run per workdir: the trainer inside holds it through this hold
+      outcome = _train(spec, workdir, log)
     results[workdir] = outcome
     if outcome == 'stopped':
       log(f'[stopped] {workdir}: checkpointed; run the same command to resume the sweep.')
       break
   return results
+
+
+def _train(spec, workdir: str, log) -> str:
+  """Trains one spec in its (held) workdir and keeps its books in run_info.json; returns the outcome."""
+  import jax
+  from resnet_jax import train_loop  # imports jax; kept out of module import so --help and dry runs stay light
+  info = read_run_info(workdir)
+  info.update(experiment=spec.experiment, net=spec.net, seed=spec.seed, num_seeds=spec.config.num_seeds,
+              note=spec.note, planned_steps=spec.config.num_steps)
+  info.setdefault('wall_seconds', 0.0)
+  info.setdefault('invocations', 0)
+  t0 = time.time()
+  outcome = 'error'  # what run_info says if the trainer raises anything else (the exception propagates)
+  try:
+    last = train_loop.train_and_evaluate(spec.config, workdir)
+    # A signal ends the run early: the trainer says so ('stopped_by_signal'), or its last step is short.
+    stopped = last.get('stopped_by_signal') or last.get('step', spec.config.num_steps) < spec.config.num_steps
+    outcome = 'stopped' if stopped else 'finished'
+  except errors.NonFiniteLossError as e:
+    log(f'[diverged] {workdir}: {e}')
+    outcome = 'diverged'
+  finally:
+    info['wall_seconds'] += time.time() - t0
+    # Read after the trainer has chosen the devices (JAX's backends start once, with the trainer's choice).
+    info['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})'
+    info['invocations'] += 1
+    info['last_outcome'] = outcome
+    write_run_info(workdir, info)
+  return outcome
 
 
 def add_common_flags(parser) -> None:

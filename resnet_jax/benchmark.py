@@ -3,10 +3,11 @@
   python -m resnet_jax.benchmark --config=configs/cifar_20.py [--steps=N] [--repeats=R] [--json]
                                  [--config.model.dtype=bfloat16 ...]
 
-It builds the step of `train_step.make_train_step` (the one `resnet_jax.main` runs), compiles it once (lowering and
-compile times reported separately), runs `--warmup` steps that are not timed, then `--repeats` timed windows of
-`--steps` steps each, blocking on the result only at the end of a window (as the training loop, which reads the
-device only at log points). The step time is the median over windows.
+It builds the step of `train_step.TrainSteps` (the one `resnet_jax.main` runs: config.steps_per_call steps per
+call), compiles it once (lowering and compile times reported separately), runs `--warmup` calls that are not timed,
+then `--repeats` timed windows of `--steps` calls each, blocking on the result only at the end of a window (as the
+training loop, which reads the device only at log points). The step time is the median over windows of the window's
+time divided by its steps.
 
 Data stays on the devices, as in training. CIFAR-family configs: a synthetic uint8 training set of the dataset's
 size (random pixels; the step gathers its batch from the epoch permutation and runs the crop/flip augmentation
@@ -93,7 +94,7 @@ def compile_only(config, devices=None) -> dict:
   spec = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
   args = [spec(a, sh) for a, sh in zip(next(inp.train_inputs(0)), inp.input_shardings)]
   c0, t0 = time.process_time(), time.perf_counter()
-  lowered = train_step.make_train_step(config, model, mesh, inp).lower(state, *args)
+  lowered = train_step.TrainSteps(config, model, mesh, inp).lower(state, *args)
   t1 = time.perf_counter()
   lowered.compile()
   c2, t2 = time.process_time(), time.perf_counter()
@@ -120,7 +121,8 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
   model, state = train_step.create_model_and_state(config, mesh)
   _block((state, args))
 
-  step_fn = train_step.make_train_step(config, model, mesh, inp)
+  step_fn = train_step.TrainSteps(config, model, mesh, inp)
+  per_call = step_fn.per_call  # each call takes this many steps: --steps calls make a window
   c0, t0 = time.process_time(), time.perf_counter()
   lowered = step_fn.lower(state, *args)
   t1 = time.perf_counter()
@@ -136,8 +138,8 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
     for _ in range(steps):
       state = compiled(state, *args)
     _block(state)
-    windows.append((time.perf_counter() - start) / steps)
-    cpu_windows.append((time.process_time() - cpu_start) / steps)
+    windows.append((time.perf_counter() - start) / (steps * per_call))
+    cpu_windows.append((time.process_time() - cpu_start) / (steps * per_call))
   sums = jax.device_get(state.train_sums)
   loss = float(np.sum(sums['loss'])) / float(np.sum(sums['count']))  # over every seed
 
@@ -156,7 +158,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
                   shortcut=config.model.shortcut, dtype=config.model.dtype, batch_size=config.batch_size,
                   bn_group_size=config.bn_group_size, image_size=config.data.image_size,
                   scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled,
-                  num_seeds=config.num_seeds,
+                  num_seeds=config.num_seeds, steps_per_call=per_call,
                   seed_batching=train_step.seed_batching(config, mesh) if config.num_seeds > 1 else None),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
                   cpu_devices=cpu_devices.describe() if device.platform == 'cpu' else None,
@@ -202,9 +204,9 @@ def format_result(r: dict) -> str:
 
 def define_flags():
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of the text.')
-  flags.DEFINE_integer('steps', 20, 'Timed steps per window.')
+  flags.DEFINE_integer('steps', 20, 'Timed calls of the step per window (each config.steps_per_call steps).')
   flags.DEFINE_integer('repeats', 3, 'Timed windows; the step time is their median.')
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
   flags.DEFINE_integer('pool', 512, 'ImageNet configs: synthetic images kept on the devices.')
   flags.DEFINE_integer('examples', 0, 'CIFAR-family configs: size of the synthetic training set (0: the dataset\'s, '
                        '50,000 for CIFAR-10).')

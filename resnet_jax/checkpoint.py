@@ -15,8 +15,11 @@ trained on are always one consistent pair.
 
 The run's config is recorded beside the checkpoints, in WORKDIR/config.json (run_record.py).
 """
+import contextlib
 import hashlib
 import os
+import re
+import shutil
 
 import flax.serialization
 import jax
@@ -24,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from resnet_jax import distributed, train_step
-from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, NoUsableCheckpointError
+from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, NoUsableCheckpointError, WorkdirError
 
 DIGEST_KEY = 'state_sha256'
 STATE_ITEM, DATA_ITEM = 'default', 'data_iter'  # orbax item names; 'default' is also a single-item checkpoint's
@@ -42,6 +45,22 @@ def state_digest(tree) -> str:
     h.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|'.encode())
     h.update(a.tobytes())
   return h.hexdigest()
+
+
+def storage_failure(e: BaseException) -> str | None:
+  """What went wrong, when `e` is a failed write to storage (a full disk, a read-only or failing device, missing
+  permission), in a few words; None for any other error. orbax reports tensorstore's errors as ValueError with the
+  OS error code in the text."""
+  if isinstance(e, OSError) and e.errno:
+    return e.strerror or os.strerror(e.errno)
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  for status in ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'No space left on device', 'Read-only file system'):
+    if status in text:
+      return status
+  return None
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -72,17 +91,48 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, state, force: bool = False, data_state: dict | None = None) -> None:
-    """Saves `state` (and `data_state`, the input's iterator state after this step, when it has one)."""
+    """Saves `state` (and `data_state`, the input's record after this step). A write that cannot be made (a full
+    disk, a read-only or failing device) raises WorkdirError, naming the step and the newest complete checkpoint;
+    a disk without room for the state is refused before anything of the step is written."""
     step = int(np.max(jax.device_get(state.step)))  # several seeds: one step counter each, all equal
     if step in self.manager.all_steps():
       return
     tree = flax.serialization.to_state_dict(state)
+    state_bytes = sum(np.dtype(a.dtype).itemsize * int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(tree))
+    needed = state_bytes + state_bytes // 8 + (1 << 20)  # the arrays, orbax's index and metadata, and some slack
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      self.wait()
+      raise self._write_error(step, f'about {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free')
     items = {STATE_ITEM: ocp.args.StandardSave(tree)}
     if data_state is not None:
       items[DATA_ITEM] = ocp.args.JsonSave(data_state)
     # The digest is taken now, from the state being saved; the write itself continues in the background.
-    self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                      custom_metadata={DIGEST_KEY: state_digest(tree)})
+    with self._storage_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                        custom_metadata={DIGEST_KEY: state_digest(tree)})
+
+  def _write_error(self, step, reason: str) -> WorkdirError:
+    try:
+      latest = self.manager.latest_step()
+    except Exception:  # the manager is in no state to say
+      latest = None
+    return WorkdirError(
+        f'Could not write {"checkpoint step " + str(step) if step is not None else "a checkpoint"} in '
+        f'{self.directory}: {reason}. The newest complete checkpoint is '
+        f'{"step " + str(latest) if latest is not None else "none"}: free some space or fix the disk (or its '
+        'permissions), then run the same command; it resumes from there.')
+
+  @contextlib.contextmanager
+  def _storage_errors(self, step=None):
+    """A failed write inside (orbax raises those of a background write at the next save or wait) as WorkdirError."""
+    try:
+      yield
+    except Exception as e:
+      reason = storage_failure(e)
+      if reason is None:
+        raise
+      raise self._write_error(step, reason) from e
 
   def data_state(self, step: int) -> dict | None:
     """The input's iterator state saved with `step`, or None (an input without one, or an older checkpoint)."""
@@ -185,11 +235,22 @@ class Checkpointer:
     return dst
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._storage_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._storage_errors():
+      self.manager.wait_until_finished()
+      self.manager.close()
+
+  def abandon(self) -> None:
+    """Closes after a failure, whatever state the writes are in: waits for those in flight and lets none of their
+    errors hide the failure being reported."""
+    for finish in (self.manager.wait_until_finished, self.manager.close):
+      try:
+        finish()
+      except Exception:  # already failed, or failing for the same reason
+        pass
 
 
 def restore_from_workdir(config, workdir: str, mesh, step: int | None = None):

@@ -3,6 +3,7 @@
 Every command answers one of `USER_ERRORS` with one `error: ...` line and exit status 1, never a stack trace
 (cli.py); anything else is a bug and keeps its stack trace. Each message says what to do.
 """
+import contextlib
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -31,6 +32,17 @@ class NonFiniteLossError(FloatingPointError):
 
 class WorkdirError(RuntimeError):
   """The workdir cannot hold this run: another run holds it, or a file in it cannot be read or written."""
+
+
+@contextlib.contextmanager
+def writing(path: str):
+  """A failed write of `path` (a full disk, a read-only or failing device) as one WorkdirError that says what to do."""
+  try:
+    yield
+  except OSError as e:
+    raise WorkdirError(f'Could not write {path}: {e.strerror or e}. Free some space or fix the disk (or its '
+                       'permissions), then run the same command; it resumes from the newest complete '
+                       'checkpoint.') from e
 
 
 USER_ERRORS = (ValueError, PermissionError, DatasetNotFoundError, CheckpointNotFoundError, NoUsableCheckpointError,

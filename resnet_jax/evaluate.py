@@ -19,6 +19,7 @@ Writes WORKDIR/eval_<protocol>_step<N>.json.
 The evaluation core (`sum_batches`, `evaluate`) is the one training uses for its val/test rows and
 experiments/fig7.py for its layer responses.
 """
+import contextlib
 import json
 import os
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resnet_jax import checkpoint, cli, cpu_devices, input_pipeline, mesh as mesh_lib, validation
+from resnet_jax import checkpoint, cli, cpu_devices, input_pipeline, mesh as mesh_lib, run_record, validation
 from resnet_jax.image_ops import PROTOCOLS
 
 
@@ -171,6 +172,11 @@ def run(config, workdir: str, protocol: str, step: int | None = None, recalibrat
   cpu_devices.configure(config)
   mesh = mesh_lib.make_mesh(None, config.mesh)
   validation.validate(config, mesh.devices.size)
+  with run_record.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():  # it writes there
+    return _run_held(config, workdir, protocol, mesh, step, recalibrate_bn, limit)
+
+
+def _run_held(config, workdir: str, protocol: str, mesh, step, recalibrate_bn: int, limit: int) -> dict:
   inp = input_pipeline.create(config, mesh, workdir)
   model, state, step = checkpoint.restore_from_workdir(config, workdir, mesh, step)
   variables = local_variables(state)

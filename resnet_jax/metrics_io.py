@@ -3,6 +3,8 @@ import json
 import os
 import time
 
+from resnet_jax.errors import writing
+
 
 class MetricsWriter:
   """Appends metrics lines; on resume, drops the lines written after the restored step (they will be redone)."""
@@ -14,9 +16,10 @@ class MetricsWriter:
     if not enabled:
       return
     rows = [r for r in read_metrics(self.path) if r['step'] <= resume_step] if resume_step else []
-    with open(self.path + '.tmp', 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in rows)
-    os.replace(self.path + '.tmp', self.path)
+    with writing(self.path):
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+      os.replace(self.path + '.tmp', self.path)
     try:
       from tensorboardX import SummaryWriter  # optional: pip install tensorboardX
       # purge_step: TensorBoard drops the old events of the steps a resumed run redoes, as the lines above.
@@ -28,8 +31,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    with writing(self.path):
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(k, float(v), int(step))
@@ -41,17 +45,24 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl. A last line cut short (a run killed while writing it) is dropped: a resumed run
+  writes it again. Any other line that is not a JSON object is damage: ValueError naming the line."""
   if not os.path.exists(path):
     return []
+  with open(path, errors='replace') as f:
+    lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
   rows = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: it is redone after the resume
-          break
+  for i, (n, line) in enumerate(lines):
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get('step'), int):
+        raise ValueError('not a metrics row')
+    except ValueError as e:
+      if i == len(lines) - 1:  # the last line, cut short by a kill
+        break
+      raise ValueError(f'{path} line {n} is not a metrics row ({e}): the file is damaged. Restore it, or delete '
+                       'that line (its step is then missing from the record), and run again.') from None
+    rows.append(row)
   return rows
 
 

@@ -1,24 +1,33 @@
-"""The run record: what a workdir says about the run it belongs to.
+"""The run record: what a workdir says about the run it belongs to, and who holds it.
 
   WORKDIR/config.json   the run's resolved config. Written when a run starts; a later run in the same workdir must
                         agree on the model, the data and the recipe (`RESUME_CHECKED`) unless forced; read back by
                         the tools (evaluate, fig7, report) over today's defaults, so a field added since the run
                         reads as its default.
   WORKDIR/data.json     what the run trains and is evaluated on: the examples of each split and the class names.
+  WORKDIR/run.lock      one run at a time: whatever writes into a workdir (a training run, a sweep's books, the
+                        evaluator) holds an OS lock on this file for as long as it works there (`hold`); a second one
+                        stops before writing anything, naming the holder (host, pid, start, command) recorded in the
+                        file. The OS releases the lock when the holder ends in any way, SIGKILL included.
 
 A resume that changes config.json (forced, or a dataset moved to another directory) keeps the earlier one as
 config.json.1, then .2, ...
 """
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
 
 from ml_collections import ConfigDict
 
 from resnet_jax import config_base
-from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError
+from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, WorkdirError, writing
 
-CONFIG_FILE, DATA_FILE = 'config.json', 'data.json'
+CONFIG_FILE, DATA_FILE, LOCK_FILE = 'config.json', 'data.json', 'run.lock'
 # Fields (and sections) that change the model, the data or the recipe: a workdir's run is only resumed under the same
 # values, unless forced.
 RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', 'lr_boundaries', 'lr_decay_factor',
@@ -27,6 +36,57 @@ RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', '
 # Where and how the data is read, not what it is: moving the dataset or changing the number of decoding workers does
 # not block a resume.
 RESUME_IGNORED = ('data.data_dir', 'data.workers', 'data.read_threads', 'data.prefetch_to_device')
+
+
+_held = {}  # real path of a workdir this process holds -> [lock file descriptor, nesting depth]
+
+
+@contextlib.contextmanager
+def hold(workdir: str):
+  """Holds `workdir` for this process while the block runs (see the module doc), creating it if needed. Nested
+  holds of the same workdir in one process (a sweep around the trainer) share the lock. Raises WorkdirError, with
+  the holder and what to do, when another process holds it. A workdir this call created is removed again if the
+  block fails before anything but the lock was written there."""
+  key = os.path.realpath(workdir)
+  if key in _held:
+    _held[key][1] += 1
+    try:
+      yield
+    finally:
+      _held[key][1] -= 1
+    return
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.read(fd, 4096).decode(errors='replace').strip()
+    os.close(fd)
+    try:
+      who = json.loads(holder)
+      who = f'pid {who["pid"]} on {who["host"]}, started {who["started"]} ({who["command"]})'
+    except (ValueError, KeyError, TypeError):
+      who = 'another process'
+    raise WorkdirError(f'{workdir} is in use by another run: {who}. Wait for it to end (or stop it), or use '
+                       'another --workdir.') from None
+  os.ftruncate(fd, 0)
+  os.write(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                           'started': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC'),
+                           'command': ' '.join(sys.argv)[:500]}).encode())
+  _held[key] = [fd, 1]
+  try:
+    yield
+  except BaseException:
+    if created and os.listdir(workdir) == [LOCK_FILE]:  # nothing of the run was written: leave no workdir behind
+      os.remove(path)
+      os.rmdir(workdir)
+    raise
+  finally:
+    del _held[key]
+    os.ftruncate(fd, 0)  # an empty lock file: nobody holds the workdir
+    os.close(fd)  # closing releases the lock
 
 
 def check_writable(workdir: str) -> None:
@@ -125,9 +185,10 @@ def check_resume(workdir: str, config: ConfigDict) -> None:
 
 def write_json(path: str, value) -> None:
   """Writes `value` to `path` atomically (a temporary file renamed over it)."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)
+  with writing(path):
+    with open(path + '.tmp', 'w') as f:
+      json.dump(value, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 def write(workdir: str, config: ConfigDict, data_record: dict | None = None) -> None:

@@ -4,6 +4,7 @@ It checks everything before it writes anything (the config, the data, the workdi
 restores the newest intact checkpoint or starts fresh, and runs the jitted step (train_step.py) until the last
 step. Logging, evaluation, checkpoints, non-finite checks and stop signals live here, once, for every input.
 """
+import contextlib
 import os
 import signal
 import time
@@ -60,16 +61,23 @@ def train_and_evaluate(config, workdir: str, force_resume: bool = False, devices
 def _run(config, workdir: str, force_resume: bool, mesh) -> dict:
   run_record.check_writable(workdir)
   is_main = jax.process_index() == 0
+  # One run per workdir: process 0 holds it for the whole run (the processes of one run share it).
+  with run_record.hold(workdir) if is_main else contextlib.nullcontext():
+    distributed.barrier('workdir_held')
+    return _run_held(config, workdir, force_resume, mesh, is_main)
+
+
+def _run_held(config, workdir: str, force_resume: bool, mesh, is_main: bool) -> dict:
   inp = input_pipeline.create(config, mesh, workdir)
   try:
     if not force_resume:
       run_record.check_resume(workdir, config)
     # Shapes and shardings are enough to restore into (and to refuse a checkpoint of another model): no compile.
     model, template = train_step.create_model_and_state(config, mesh, abstract=True)
-    steps = {n: train_step.make_train_step(config, model, mesh, inp, n) for n in {1, config.steps_per_call}}
+    steps = train_step.TrainSteps(config, model, mesh, inp)
     if config.num_seeds > 1:  # several seeds multiply the memory: refuse a step that cannot fit, before any write
       local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-      validation.check_memory(config, steps[1].lower(template, *next(inp.train_inputs(0))).compile(), local)
+      validation.check_memory(config, steps.lower(template, *next(inp.train_inputs(0))).compile(), local)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)  # creates the workdir
     state, start_step, data_state = ckpt.restore_latest(template, report=print if is_main else lambda _: None)
     if not start_step:
@@ -77,12 +85,14 @@ def _run(config, workdir: str, force_resume: bool, mesh) -> dict:
     elif is_main:
       print(f'Resumed from {ckpt.directory} at step {start_step}.', flush=True)
     inputs = inp.train_inputs(start_step, data_state)  # refuses a checkpoint of other data, before any write
+    for out in seed_workdirs(config, workdir):  # a damaged metrics record is refused before any write, too
+      metrics_io.read_metrics(os.path.join(out, 'metrics.jsonl'))
     distributed.barrier('config_checked')  # every process has read config.json before process 0 replaces it
     if is_main:
       _record(config, workdir, inp)
       _announce(config, workdir, inp.description, mesh.devices.size)
-    return _run_loop(config, workdir, ckpt, state, start_step, is_main, mesh_lib.replicated(mesh),
-                     lambda state, n: steps[n](state, *next(inputs)),
+    return _run_loop(config, workdir, ckpt, state, start_step, is_main, mesh_lib.replicated(mesh), steps.per_call,
+                     lambda state, n: steps(state, n, *next(inputs)),
                      lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)
                                           for k in range(config.num_seeds)],
                      inp.iterator_state)
@@ -191,10 +201,10 @@ def _steps_to_next_point(config, step: int) -> int:
   return min(nxt, config.num_steps) - step
 
 
-def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, take_steps,
-              eval_rows, data_state) -> dict:
-  """The training loop: `take_steps(state, n)` takes n steps (n = 1, or config.steps_per_call in one call when no
-  log, evaluation or checkpoint point falls inside them), `eval_rows(state, step)` returns the evaluation entries of
+def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool, replicated, per_call: int,
+              take_steps, eval_rows, data_state) -> dict:
+  """The training loop: `take_steps(state, n)` takes n steps in one call (`per_call`, or fewer to stop at the next
+  log, evaluation or checkpoint point), `eval_rows(state, step)` returns the evaluation entries of
   a metrics line per seed, `data_state()` the input's record after the last step (saved with its checkpoint).
   `replicated` is the sharding of the state. A stop signal is honoured after the call it arrives in. Each seed has
   its own metrics lines (in `seed_workdirs`); the returned metrics are the last line's (per seed under 'seeds' when
@@ -206,52 +216,56 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
   last = {}
   window_start, window_step = time.time(), start_step
   step = start_step
-  with StopRequest() as stop:
-    while step < config.num_steps:
-      n = config.steps_per_call if _steps_to_next_point(config, step) >= config.steps_per_call else 1
-      state = take_steps(state, n)
-      step += n
-      if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
-        stop.signal = signal.SIGTERM
-      final = step == config.num_steps
-      rows = [{} for _ in seeds]
-      # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
-      # the same lines as an uninterrupted one.
-      if step % config.log_every_steps == 0 or final:
-        all_sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
-        now = time.time()
-        examples_per_sec = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
-        window_start, window_step = now, step
-        for seed, sums, row in zip(seeds, _split_seeds(all_sums, config.num_seeds), rows):
-          skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True, seed=seed if multi else None)
-          row.update(_summarise(sums, 'train'))
-          row['lr'] = float(sums['lr'])
-          if config.nonfinite_loss == 'skip':
-            row['skipped_steps'] = skipped
-          row['examples_per_sec'] = examples_per_sec  # per seed: each replica trains on its own batch
-        state = state.replace(train_sums=jax.device_put(
-            jax.tree_util.tree_map(np.zeros_like, all_sums), replicated))
-      if step % config.eval_every_steps == 0 or final:
-        for row, evaluated in zip(rows, eval_rows(state, step)):
-          row.update(evaluated)
-      if rows[0]:
-        for seed, writer, row in zip(seeds, writers, rows):
-          writer.write(step, row)
-          progress.print(step, row, prefix=f'seed {seed}: ' if multi else '')
-        last = ({'step': step, **rows[0]} if not multi else
-                {'step': step, 'seeds': {seed: row for seed, row in zip(seeds, rows)}})
-      if step % config.checkpoint_every_steps == 0 or final or stop.signal:
-        # Never checkpoint a broken state.
-        for seed, sums in zip(seeds, _split_seeds(jax.device_get(state.train_sums), config.num_seeds)):
-          _check_nonfinite(config, sums, step, ckpt, log_point=False, seed=seed if multi else None)
-        ckpt.save(state, force=bool(stop.signal), data_state=data_state())
-      if stop.signal and not final:
-        ckpt.wait()
-        if is_main:
-          print(f'Stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint written. '
-                'Run the same command to resume.', flush=True)
-        last = {**last, 'stopped_by_signal': int(stop.signal)}
-        break
+  try:
+    with StopRequest() as stop:
+      while step < config.num_steps:
+        n = min(per_call, _steps_to_next_point(config, step))
+        state = take_steps(state, n)
+        step += n
+        if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
+          stop.signal = signal.SIGTERM
+        final = step == config.num_steps
+        rows = [{} for _ in seeds]
+        # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
+        # the same lines as an uninterrupted one.
+        if step % config.log_every_steps == 0 or final:
+          all_sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
+          now = time.time()
+          examples_per_sec = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
+          window_start, window_step = now, step
+          for seed, sums, row in zip(seeds, _split_seeds(all_sums, config.num_seeds), rows):
+            skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True, seed=seed if multi else None)
+            row.update(_summarise(sums, 'train'))
+            row['lr'] = float(sums['lr'])
+            if config.nonfinite_loss == 'skip':
+              row['skipped_steps'] = skipped
+            row['examples_per_sec'] = examples_per_sec  # per seed: each replica trains on its own batch
+          state = state.replace(train_sums=jax.device_put(
+              jax.tree_util.tree_map(np.zeros_like, all_sums), replicated))
+        if step % config.eval_every_steps == 0 or final:
+          for row, evaluated in zip(rows, eval_rows(state, step)):
+            row.update(evaluated)
+        if rows[0]:
+          for seed, writer, row in zip(seeds, writers, rows):
+            writer.write(step, row)
+            progress.print(step, row, prefix=f'seed {seed}: ' if multi else '')
+          last = ({'step': step, **rows[0]} if not multi else
+                  {'step': step, 'seeds': {seed: row for seed, row in zip(seeds, rows)}})
+        if step % config.checkpoint_every_steps == 0 or final or stop.signal:
+          # Never checkpoint a broken state.
+          for seed, sums in zip(seeds, _split_seeds(jax.device_get(state.train_sums), config.num_seeds)):
+            _check_nonfinite(config, sums, step, ckpt, log_point=False, seed=seed if multi else None)
+          ckpt.save(state, force=bool(stop.signal), data_state=data_state())
+        if stop.signal and not final:
+          ckpt.wait()
+          if is_main:
+            print(f'Stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint written. '
+                  'Run the same command to resume.', flush=True)
+          last = {**last, 'stopped_by_signal': int(stop.signal)}
+          break
+  except BaseException:
+    ckpt.abandon()  # a failure mid-run: no write of ours left running behind the error being reported
+    raise
   ckpt.close()
   for writer in writers:
     writer.close()

@@ -12,6 +12,7 @@ import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from resnet_jax import mesh as mesh_lib, models
 
@@ -198,45 +199,76 @@ def seed_batching(config, mesh) -> str:
   return 'unroll' if mesh.devices.flat[0].platform == 'cpu' else 'vmap'
 
 
-def make_train_step(config, model, mesh, inp, num_steps: int = 1):
-  """The jitted training step of every run: `step(state, *inputs) -> state`, where `inputs` are what the input
-  `inp` (input_pipeline.py) feeds for the step and `inp.device_batch` turns them into the batch, inside the step.
-  The state is replicated and donated; the batch is sharded over the mesh, and the compiler inserts the gradient
-  all-reduce.
+def steps_per_call(config, mesh) -> int:
+  """config.steps_per_call, with 0 (auto) resolved for the mesh's devices: 1 on the CPU (a step there takes long
+  enough that dispatching it from Python costs nothing) and for the streamed input (a new batch each step); 100 on
+  GPUs and TPUs, whose CIFAR steps are short enough for the host to hold them up."""
+  if config.steps_per_call:
+    return config.steps_per_call
+  return 1 if config.data.streaming or mesh.devices.flat[0].platform == 'cpu' else 100
 
-  With `num_steps` = N > 1 one call takes N steps in a `fori_loop` on the device (config.steps_per_call), for an
-  input whose step inputs are the same every step (the in-memory sets: the batch is a function of the step
-  number, which the state carries): the states it passes through are those of N calls of the one-step function.
+
+class TrainSteps:
+  """The jitted training step of every run, called as `steps(state, n, *inputs) -> state` to take n steps, where
+  `inputs` are what the input `inp` (input_pipeline.py) feeds and `inp.device_batch` turns into each step's batch,
+  inside the step. The state is replicated and donated; the batch is sharded over the mesh, and the compiler
+  inserts the gradient all-reduce.
+
+  For an input whose step inputs are the same every step (the in-memory sets: the batch is a function of the step
+  number, which the state carries), the steps of a call run in a `fori_loop` on the device: a call of
+  `steps_per_call` = N >= 2 steps is one program with the trip count fixed at compile time (an accelerator runs it
+  without the host between steps), any other count one program with the count as an argument. Both run the same
+  loop body, and XLA compiles a loop body alike whatever its trip count (a lone step outside a loop it compiles
+  differently, which changes float rounding), so a run gives the same bits whatever N is and however it is cut
+  into calls. The streamed input feeds a new batch each step: one step per call, no loop.
 
   With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step applied to each
   replica with its seed (the data inputs are shared): each replica draws its own batch, augmentation, BN
   statistics, lr and non-finite handling. `seed_batching` decides how: vmapped over the replica axis (each
   replica's batch is still sharded over the mesh: vmap leaves the replica axis of the sharding constraints
   unconstrained), or unrolled, one replica after the other in the same program."""
-  replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
-  def replica_step(state, seed, *inputs):
-    x, y = inp.device_batch(state.step, *inputs, seed=seed)
-    x, y = (jax.lax.with_sharding_constraint(a, batch) for a in (x, y))
-    return sgd_update(config, model, state, x, y)
+  def __init__(self, config, model, mesh, inp):
+    replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
-  if config.num_seeds == 1:
-    step = lambda state, *inputs: replica_step(state, config.seed, *inputs)
-  elif seed_batching(config, mesh) == 'vmap':
-    def step(state, *inputs):
-      seeds = jnp.asarray(replica_seeds(config), jnp.int32)
-      return jax.vmap(replica_step, in_axes=(0, 0) + (None,) * len(inputs))(state, seeds, *inputs)
-  else:
-    def step(state, *inputs):
-      outs = [replica_step(jax.tree_util.tree_map(lambda a: a[k], state), seed, *inputs)
-              for k, seed in enumerate(replica_seeds(config))]
-      return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+    def replica_step(state, seed, *inputs):
+      x, y = inp.device_batch(state.step, *inputs, seed=seed)
+      x, y = (jax.lax.with_sharding_constraint(a, batch) for a in (x, y))
+      return sgd_update(config, model, state, x, y)
 
-  if num_steps > 1:
-    one = step
-    step = lambda state, *inputs: jax.lax.fori_loop(0, num_steps, lambda _, s: one(s, *inputs), state)
-  return jax.jit(step, in_shardings=(replicated, *inp.input_shardings), out_shardings=replicated,
-                 donate_argnums=(0,))
+    if config.num_seeds == 1:
+      step = lambda state, *inputs: replica_step(state, config.seed, *inputs)
+    elif seed_batching(config, mesh) == 'vmap':
+      def step(state, *inputs):
+        seeds = jnp.asarray(replica_seeds(config), jnp.int32)
+        return jax.vmap(replica_step, in_axes=(0, 0) + (None,) * len(inputs))(state, seeds, *inputs)
+    else:
+      def step(state, *inputs):
+        outs = [replica_step(jax.tree_util.tree_map(lambda a: a[k], state), seed, *inputs)
+                for k, seed in enumerate(replica_seeds(config))]
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+    jit = lambda fn, *counts: jax.jit(fn, in_shardings=(replicated, *counts, *inp.input_shardings),
+                                      out_shardings=replicated, donate_argnums=(0,))
+    self.per_call = steps_per_call(config, mesh)
+    if config.data.streaming:
+      self._full, self._any = jit(step), None
+      return
+    loop = lambda state, n, *inputs: jax.lax.fori_loop(0, n, lambda _, s: step(s, *inputs), state)
+    # A count of 1 known to the compiler would turn the loop into a lone step; hidden from it, the loop stays.
+    count = self.per_call if self.per_call > 1 else lambda: jax.lax.optimization_barrier(np.int32(1))
+    self._full = jit(lambda state, *inputs: loop(state, count if isinstance(count, int) else count(), *inputs))
+    self._any = jit(loop, replicated)
+
+  def __call__(self, state, n: int, *inputs):
+    """The state after n steps (1 <= n <= steps_per_call; the streamed input: 1)."""
+    if n == self.per_call:
+      return self._full(state, *inputs)
+    return self._any(state, np.int32(n), *inputs)
+
+  def lower(self, state, *inputs):
+    """The lowered program of a full call, `steps_per_call` steps: compiled, it is called as (state, *inputs)."""
+    return self._full.lower(state, *inputs)
 
 
 def create_model_and_state(config, mesh, abstract: bool = False):

@@ -1,24 +1,32 @@
-"""Fault injection for the tests: kills a run at an exact point, so that resume can be checked bitwise.
+"""Fault injection for the tests: stops, holds or starves a run at an exact point, so that resume can be checked bitwise.
 
   RESNET_JAX_TEST_FAULT=kill@train:7 python tests/faults.py --config=... --workdir=...   (resnet_jax.main's flags)
 
-runs `resnet_jax.main` with hooks installed from outside the package (monkeypatching the step factory and the
-evaluation, and the checkpointer's temporary-path hook); the process sends itself a signal the first time it
-reaches POINT at STEP. The package itself knows nothing of this.
+runs `resnet_jax.main` with hooks installed from outside the package (monkeypatching the step factory, the
+evaluation, the metrics file and orbax's checkpoint manager, and the checkpointer's temporary-path hook); the action
+happens the first time the run reaches POINT at (or past) STEP. The package itself knows nothing of this.
 
-  ACTION  kill (SIGKILL: no handler runs, like a lost machine), term (SIGTERM: a preemption notice), int (SIGINT)
+  ACTION  kill (SIGKILL: no handler runs, like a lost machine), term (SIGTERM: a preemption notice), int (SIGINT),
+          pause (the process sleeps there for 10 minutes, holding its workdir),
+          enospc (the write at POINT fails as on a full disk: checkpoint as orbax reports it, metrics as the OS does)
   POINT   train       after the call of the step that reaches STEP (or passes it, with several steps per call),
                       before its log line, evaluation or checkpoint
           eval        at the start of the evaluation at STEP
           checkpoint  inside the checkpoint write of STEP: the arrays are written to the temporary directory and
-                      the commit (the rename to the final name) has not happened yet
+                      the commit (the rename to the final name) has not happened yet (enospc: orbax's save fails)
+          metrics     the metrics line of STEP is written (enospc only)
 """
+import errno
 import os
 import signal
+import time
 
 ENV = 'RESNET_JAX_TEST_FAULT'
-ACTIONS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT}
-POINTS = ('train', 'eval', 'checkpoint')
+ACTIONS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT, 'pause': None, 'enospc': None}
+POINTS = ('train', 'eval', 'checkpoint', 'metrics')
+# What orbax raised when a checkpoint write met a full disk (tensorstore's error, seen on a full tmpfs).
+ORBAX_NO_SPACE = ('RESOURCE_EXHAUSTED: Error writing "params.head.kernel/0" in OCDBT database: Failed to write '
+                  "329321 bytes to file 7: No space left on device [os_error_code='28']")
 
 
 def _parse(spec: str):
@@ -30,35 +38,45 @@ def _parse(spec: str):
     raise ValueError(f'{ENV}={spec!r}: expected ACTION@POINT:STEP, e.g. kill@train:7') from None
   if action not in ACTIONS or point not in POINTS:
     raise ValueError(f'{ENV}={spec!r}: ACTION is one of {", ".join(ACTIONS)}; POINT one of {", ".join(POINTS)}.')
-  return ACTIONS[action], point, step
+  return action, point, step
 
 
 def armed(point: str):
-  """The (signal, step) armed for `point`, or None."""
+  """The (action, step) armed for `point`, or None."""
   spec = os.environ.get(ENV)
   if not spec:
     return None
-  sig, p, step = _parse(spec)
-  return (sig, step) if p == point else None
+  action, p, step = _parse(spec)
+  return (action, step) if p == point else None
 
 
 _fired = set()
 
 
-def point(name: str, step: int) -> None:
-  """Signals this process the first time it reaches the fault armed for `name` at or after `step` (a run of several
-  steps per call passes some steps inside one call; once per process)."""
+def reached(name: str, step: int) -> str | None:
+  """The action armed for `name` the first time this process reaches `step` or passes it (None otherwise)."""
   target = armed(name)
-  if target is not None and step >= target[1] and name not in _fired:
-    _fired.add(name)
-    print(f'[test fault] {name} at step {step}: sending signal {target[0]}', flush=True)
-    os.kill(os.getpid(), target[0])
+  if target is None or step < target[1] or name in _fired:
+    return None
+  _fired.add(name)
+  print(f'[test fault] {target[0]} at {name} at step {step}', flush=True)
+  return target[0]
+
+
+def point(name: str, step: int) -> None:
+  """Signals or pauses this process if a signal or pause is armed for `name` and reached at `step`."""
+  action = reached(name, step)
+  if action == 'pause':
+    time.sleep(600)
+  elif action in ('kill', 'term', 'int'):
+    os.kill(os.getpid(), ACTIONS[action])
 
 
 def temporary_path_class():
-  """For the 'checkpoint' point: an orbax temporary-path class that signals the process just before the commit of
-  the armed step, after the arrays are written. None when no checkpoint fault is armed (orbax's default class)."""
-  if armed('checkpoint') is None:
+  """For a signal at the 'checkpoint' point: an orbax temporary-path class that signals the process just before
+  the commit of the armed step, after the arrays are written. None otherwise (orbax's default class)."""
+  target = armed('checkpoint')
+  if target is None or target[0] == 'enospc':
     return None
   # orbax's atomic-rename class is not exported publicly; a test-only hook may use it. If orbax moves it, this
   # import fails loudly and the test that arms the fault fails, rather than passing without a fault.
@@ -78,20 +96,15 @@ def install() -> None:
   """Arms the points named by the environment in resnet_jax's training run."""
   import jax
   import numpy as np
-  from resnet_jax import checkpoint, train_loop, train_step
+  from resnet_jax import checkpoint, metrics_io, train_loop, train_step
   if armed('train') is not None:
-    make_step = train_step.make_train_step
+    call = train_step.TrainSteps.__call__
 
-    def make_train_step(*args, **kwargs):
-      step_fn = make_step(*args, **kwargs)
-
-      def step(state, *inputs):
-        new = step_fn(state, *inputs)
-        point('train', int(np.max(jax.device_get(new.step))))  # a state of several seeds: one step per seed
-        return new
-      step.lower = step_fn.lower  # the trainer compiles a step of several seeds ahead to check its memory
-      return step
-    train_step.make_train_step = make_train_step
+    def call_with_fault(self, state, n, *inputs):
+      new = call(self, state, n, *inputs)
+      point('train', int(np.max(jax.device_get(new.step))))  # a state of several seeds: one step per seed
+      return new
+    train_step.TrainSteps.__call__ = call_with_fault
   if armed('eval') is not None:
     evaluate_splits = train_loop.evaluate_splits
 
@@ -99,6 +112,32 @@ def install() -> None:
       point('eval', step)
       return evaluate_splits(model, inp, state, step)
     train_loop.evaluate_splits = evaluate_with_fault
+  if armed('checkpoint') is not None and armed('checkpoint')[0] == 'enospc':
+    save = checkpoint.ocp.CheckpointManager.save
+
+    def save_on_a_full_disk(self, step, *args, **kwargs):
+      if reached('checkpoint', step):
+        raise ValueError(ORBAX_NO_SPACE)
+      return save(self, step, *args, **kwargs)
+    checkpoint.ocp.CheckpointManager.save = save_on_a_full_disk
+  if armed('metrics') is not None:
+    write = metrics_io.MetricsWriter.write
+
+    def write_on_a_full_disk(self, step, metrics):
+      if reached('metrics', step):  # the file cannot grow: the OS's error, raised where the line is written
+        real_open = open
+
+        def full_open(path, mode='r', *args, **kwargs):
+          if 'a' in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+          return real_open(path, mode, *args, **kwargs)
+        metrics_io.open = full_open
+        try:
+          return write(self, step, metrics)
+        finally:
+          del metrics_io.open
+      return write(self, step, metrics)
+    metrics_io.MetricsWriter.write = write_on_a_full_disk
   checkpoint.Checkpointer.temporary_path_class = temporary_path_class()
 
 
@@ -106,4 +145,3 @@ if __name__ == '__main__':
   from resnet_jax import cli, main
   install()
   cli.run(main.main, main.define_flags, workdir_help='Directory for metrics, checkpoints and plots.')
-

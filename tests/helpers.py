@@ -26,10 +26,14 @@ def tiny_config(**overrides):
 
 
 def training_step(config, mesh, dataset=None):
-  """(model, initial state, jitted step, the step's inputs) of `config` on `mesh`, built as a run builds them."""
+  """(model, initial state, the step as a run calls it for one step: step(state, *inputs), the step's inputs) of
+  `config` on `mesh`, built as a run builds them."""
   inp = input_pipeline.InMemoryInput(config, mesh, dataset)
   model, state = train_step.create_model_and_state(config, mesh)
-  return model, state, train_step.make_train_step(config, model, mesh, inp), next(inp.train_inputs(0))
+  steps = train_step.TrainSteps(config, model, mesh, inp)
+  one = lambda state, *inputs: steps(state, 1, *inputs)
+  one.lower = steps.lower  # a full call's program (one step at the default steps_per_call on the CPU)
+  return model, state, one, next(inp.train_inputs(0))
 
 
 def write_image_folder(root, splits=('train', 'test'), classes=('cat', 'dog', 'frog'), per_class=4, size=32,

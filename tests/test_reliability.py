@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import faults
-from resnet_jax import checkpoint, config_base, errors, metrics_io, train_loop, train_step
+from resnet_jax import checkpoint, config_base, errors, metrics_io, run_record, train_loop, train_step
 from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +36,12 @@ def _flag(k, v):
 
 
 def _main(workdir, *extra, fault=None, cache=None, config='configs/digits.py'):
+  command, env = _command(workdir, *extra, fault=fault, cache=cache, config=config)
+  return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+def _command(workdir, *extra, fault=None, cache=None, config='configs/digits.py', module='resnet_jax.main'):
+  """(argv, environment) of the tiny run in `workdir` (or of `module` with `extra` as its flags)."""
   env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, 'XLA_FLAGS')}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
              PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
@@ -43,10 +50,11 @@ def _main(workdir, *extra, fault=None, cache=None, config='configs/digits.py'):
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   if fault:
     env[faults.ENV] = fault
+  if module != 'resnet_jax.main':
+    return [sys.executable, '-m', module, f'--workdir={workdir}', *extra], env
   args = [f'--config={config}', f'--workdir={workdir}', *(_flag(k, v) for k, v in RUN.items()), *extra]
   command = [os.path.join(REPO, 'tests', 'faults.py')] if fault else ['-m', 'resnet_jax.main']
-  return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=REPO, env=env,
-                        timeout=600)
+  return [sys.executable, *command, *args], env
 
 
 def _ok(out):
@@ -98,10 +106,13 @@ def _steps(workdir):
 
 
 def _snapshot(root):
-  """Every file under `root` with its bytes and mtime: equal snapshots mean nothing was written."""
+  """Every file under `root` with its bytes and mtime: equal snapshots mean nothing was written. The lock file is
+  left out: it records whoever holds the workdir now (empty when nobody does)."""
   out = {}
   for d, _, files in os.walk(root):
     for f in files:
+      if f == run_record.LOCK_FILE:
+        continue
       p = os.path.join(d, f)
       with open(p, 'rb') as fh:
         out[os.path.relpath(p, root)] = (fh.read(), os.stat(p).st_mtime_ns)
@@ -122,7 +133,7 @@ def test_run_killed_anywhere_resumes_to_the_uninterrupted_result(reference, tmp_
   action, where = fault.split('@')
   point, step = where.split(':')
   killed = _main(tmp_path, fault=fault, cache=cache)
-  assert f'[test fault] {point} at step {step}' in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
+  assert f'[test fault] {action} at {point} at step {step}' in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
   ckpt_dir = tmp_path / 'checkpoints'
   if action == 'kill':
     assert killed.returncode == -signal.SIGKILL
@@ -147,6 +158,88 @@ def test_run_killed_anywhere_resumes_to_the_uninterrupted_result(reference, tmp_
   _assert_same_run(reference, tmp_path)
 
 
+def _one_error_line(out):
+  """The one `error:` line of a command that stopped on a user error (and no stack trace of ours)."""
+  lines = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert out.returncode == 1 and len(lines) == 1, out.stdout[-2000:] + out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per workdir, and a full disk.
+
+def test_a_second_run_on_a_held_workdir_is_refused_and_a_killed_run_frees_it_at_once(reference, tmp_path, cache):
+  from experiments import sweep
+  workdir = tmp_path / 'runs' / 'exp' / 'resnet-8' / 'seed0'  # where a sweep of that experiment keeps the run
+  command, env = _command(workdir, fault='pause@train:5', cache=cache)
+  log = open(tmp_path / 'first.log', 'w')
+  first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+  try:
+    for _ in range(600):  # it holds the workdir from its start; it pauses after step 5, its checkpoint of 4 written
+      if '[test fault] pause' in (tmp_path / 'first.log').read_text():
+        break
+      time.sleep(0.2)
+    assert '[test fault] pause' in (tmp_path / 'first.log').read_text()
+    before = _snapshot(workdir)
+    holder = json.loads((workdir / run_record.LOCK_FILE).read_text())
+    assert holder['pid'] == first.pid and holder['host'] and holder['started'] and 'faults.py' in holder['command']
+    second = _main(workdir, cache=cache)
+    line = _one_error_line(second)
+    assert f'is in use by another run: pid {first.pid} on {holder["host"]}, started {holder["started"]}' in line
+    assert 'use another --workdir' in line
+    # The evaluator writes into the workdir too, and a sweep keeps its books there: both are refused alike.
+    evaluated = subprocess.run(*[_command(workdir, '--protocol=center', module='resnet_jax.evaluate')[0]],
+                               capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert 'is in use by another run' in _one_error_line(evaluated)
+    spec = sweep.RunSpec('exp', 'resnet-8', 0, _ref_config())
+    assert spec.workdir(str(tmp_path / 'runs')) == str(workdir)
+    with pytest.raises(errors.WorkdirError, match=f'in use by another run: pid {first.pid}'):
+      sweep.run_sweep([spec], str(tmp_path / 'runs'), log=lambda *_: None)
+    assert _snapshot(workdir) == before  # the refused runs wrote nothing
+    assert json.loads((workdir / run_record.LOCK_FILE).read_text()) == holder
+  finally:
+    first.kill()  # SIGKILL: no clean-up runs; the OS releases the lock with the process
+    first.wait()
+    log.close()
+  resumed = _ok(_main(workdir, cache=cache))  # at once: no stale lock to wait for or remove
+  assert 'Resumed from' in resumed.stdout
+  _assert_same_run(reference, workdir)
+  assert (workdir / run_record.LOCK_FILE).read_text() == ''  # nobody holds it now
+
+
+@pytest.mark.parametrize('fault,what,newest', [('enospc@checkpoint:8', 'checkpoint step 8 in', 4),
+                                               ('enospc@metrics:6', 'metrics.jsonl', 4)])
+def test_a_full_disk_stops_the_run_in_one_line_and_the_resumed_run_matches(reference, tmp_path, cache, fault, what,
+                                                                           newest):
+  full = _main(tmp_path, fault=fault, cache=cache)
+  line = _one_error_line(full)
+  assert 'Could not write' in line and what in line and 'No space left on device' in line, line
+  assert 'run the same command' in line
+  if 'checkpoint' in fault:
+    assert f'The newest complete checkpoint is step {newest}' in line
+  assert _steps(tmp_path) == [newest]  # the checkpoint before the failed write is complete ...
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert checkpoint.state_digest(ckpt.load_arrays(newest)) == ckpt.saved_digest(newest)  # ... and intact
+  _ok(_main(tmp_path, cache=cache))  # the space is back: the same command resumes
+  _assert_same_run(reference, tmp_path)
+
+
+def test_several_steps_per_call_give_the_same_run_and_resume_bit_for_bit(tmp_path, cache):
+  """steps_per_call=4 with log points every 4 steps: calls of 4 steps (one loop program), killed after the call that
+  passes step 7, resumed: the same metrics and final checkpoint, bit for bit, as the run of one step per call."""
+  log4 = ('--config.log_every_steps=4',)
+  one, four = tmp_path / 'one', tmp_path / 'four'
+  _ok(_main(one, *log4, '--config.steps_per_call=1', cache=cache))
+  killed = _main(four, *log4, '--config.steps_per_call=4', fault='kill@train:7', cache=cache)
+  assert '[test fault] kill at train at step 8' in killed.stdout and killed.returncode == -signal.SIGKILL
+  _ok(_main(four, *log4, '--config.steps_per_call=4', cache=cache))
+  assert _metrics(one) == _metrics(four) and [r['step'] for r in _metrics(one)] == [4, 8, 12]
+  a, b = (checkpoint.Checkpointer(str(w)).load_arrays(RUN['num_steps']) for w in (one, four))
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    assert x.tobytes() == y.tobytes()
+
+
 @pytest.fixture(scope='module')
 def reference_two_seeds(tmp_path_factory, cache):
   """The uninterrupted run of seeds 0 and 1 in one program."""
@@ -159,9 +252,9 @@ def reference_two_seeds(tmp_path_factory, cache):
 def test_run_of_two_seeds_killed_resumes_to_the_uninterrupted_result(reference_two_seeds, tmp_path, cache, fault):
   """The state of both seeds is one checkpoint, each seed's metrics its own file: a kill between steps, or between
   the evaluations of the two seeds, resumes to the uninterrupted run bit for bit."""
-  point, step = fault.split('@')[1].split(':')
+  action, (point, step) = fault.split('@')[0], fault.split('@')[1].split(':')
   killed = _main(tmp_path, '--config.num_seeds=2', fault=fault, cache=cache)
-  assert f'[test fault] {point} at step {step}' in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
+  assert f'[test fault] {action} at {point} at step {step}' in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
   assert killed.returncode == -signal.SIGKILL
   assert not (tmp_path / 'metrics.jsonl').exists()  # each seed's lines are in its seed<s>/
   with open(tmp_path / 'seed1' / 'metrics.jsonl', 'a') as f:  # as if the kill had also cut a line short
@@ -397,6 +490,14 @@ BAD_INPUTS = [
     ('zero learning rate', {'learning_rate': 0.0}, None, r'learning_rate=0.0 must be positive'),
     ('negative learning rate', {'learning_rate': -0.1}, None, r'learning_rate=-0.1 must be positive'),
     ('zero batch', {'batch_size': 0}, None, r'batch_size=0 must be positive'),
+    ('zero evaluation interval', {'eval_every_steps': 0}, None, r'eval_every_steps=0 must be positive'),
+    ('negative evaluation interval', {'eval_every_steps': -4}, None, r'eval_every_steps=-4 must be positive'),
+    ('lr boundaries out of order', {'lr_boundaries': (8, 6)}, None,
+     r"lr_boundaries=\(8, 6\) must be strictly increasing steps in 1\.\.config\.num_steps=12 .*"
+     r"--config\.lr_boundaries='\(6, 9\)'"),
+    ('lr boundary past num_steps', {'lr_boundaries': (20,)}, None,
+     r"lr_boundaries=\(20,\) must be strictly increasing steps in 1\.\.config\.num_steps=12 .*'\(\)' for a "
+     r'constant rate'),
     ('negative batch', {'batch_size': -32}, None, r'batch_size=-32 must be positive'),
     ('unknown non-finite policy', {'nonfinite_loss': 'ignore'}, None, r"valid choices: stop, skip"),
     ('missing image folder', {'data.source': 'folder', 'data.data_dir': '/nonexistent/cifar'}, None,
@@ -488,6 +589,52 @@ def test_a_dataset_moved_to_another_directory_resumes(small_run, tmp_path):
   assert _config_record(workdir / 'config.json.1')['data']['data_dir'] == str(small_run / 'images')
 
 
+def test_a_resume_on_other_data_is_refused_naming_what_differs(small_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(small_run / 'run', workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '6')  # as if the run had been stopped after its step-3 checkpoint
+  before = _snapshot(workdir)
+  one = jax.devices()[:1]
+  # The same classes and number of images, other pixels: only the fingerprint tells.
+  write_image_folder(tmp_path / 'other', size=8, classes=('cat', 'dog'), per_class=16, seed=7)
+  with pytest.raises(ValueError, match=r'trained on other data: training images or labels with another SHA-256 .* '
+                                       r'Point config\.data at the dataset the run was trained on'):
+    train_loop.train_and_evaluate(_small(tmp_path / 'other'), str(workdir), devices=one)
+  write_image_folder(tmp_path / 'more', size=8, classes=('cat', 'dog'), per_class=17)
+  with pytest.raises(ValueError, match=r'trained on other data: 32 training examples, here 34'):
+    train_loop.train_and_evaluate(_small(tmp_path / 'more'), str(workdir), devices=one)
+  assert _snapshot(workdir) == before
+  # The same images in another folder resume (test_a_dataset_moved_to_another_directory_resumes).
+
+
+def test_damaged_run_records_are_one_line_in_every_command(small_run, tmp_path, capsys):
+  from experiments import fig7, report
+  runs = tmp_path / 'runs'
+  workdir = runs / 'exp' / 'resnet-8' / 'seed0'
+  shutil.copytree(small_run / 'run', workdir)
+  one = jax.devices()[:1]
+  # metrics.jsonl with a damaged line inside (not the last, which a kill may cut short and a resume redoes).
+  rows = (workdir / 'metrics.jsonl').read_text().splitlines()
+  (workdir / 'metrics.jsonl').write_text('\n'.join([rows[0][:20]] + rows[1:]) + '\n')
+  before = _snapshot(workdir)
+  with pytest.raises(ValueError, match=r'metrics\.jsonl line 1 is not a metrics row .* Restore it, or delete that'):
+    train_loop.train_and_evaluate(_small(small_run / 'images', num_steps=9), str(workdir), force_resume=True,
+                                  devices=one)
+  assert _snapshot(workdir) == before
+  with pytest.raises(SystemExit, match=r'error: .*metrics\.jsonl line 1 is not a metrics row'):
+    report.main([str(runs)])
+  (workdir / 'metrics.jsonl').write_text('\n'.join(rows) + '\n')
+  # config.json cut short: the resume (test_damaged_config_record_in_the_workdir_is_one_clear_error), the report,
+  # fig7 and the evaluator each say so in one line.
+  (workdir / 'config.json').write_text((workdir / 'config.json').read_text()[:40])
+  for command in (lambda: report.main([str(runs)]), lambda: fig7.main([str(runs / 'exp')])):
+    with pytest.raises(SystemExit, match=r'error: .*config\.json is not valid JSON .*use another --workdir'):
+      command()
+  argv, env = _command(workdir, '--protocol=center', module='resnet_jax.evaluate')
+  evaluated = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert 'config.json is not valid JSON' in _one_error_line(evaluated)
+
+
 def test_forced_resume_keeps_each_earlier_config_record(small_run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(small_run / 'run', workdir)
@@ -532,6 +679,7 @@ def test_unwritable_workdir_is_refused_and_nothing_is_created(tmp_path, kind):
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/nope.py'], r"cannot load the config file 'configs/nope.py': no such file\. Configs: .*"
                                    r'configs/cifar_110\.py'),
+    (['--config.num_steps=abc'], r"flag --config\.num_steps=abc: .*invalid literal for int"),
     (['--config.model.nonsense=3'], r"config\.model has no field 'nonsense'\. Fields of config\.model: "
                                     r'bn_epsilon, .*shortcut'),
 ])
@@ -547,3 +695,11 @@ def test_command_line_mistakes_are_one_clear_message(reference, tmp_path, args, 
   assert out.returncode == 1
   assert re.search(message, out.stderr) and 'Traceback' not in out.stderr, out.stderr[-3000:]
   assert _snapshot(workdir) == before
+
+
+def test_a_workdir_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path):
+  afile = tmp_path / 'notes.txt'
+  afile.write_text('my notes')
+  line = _one_error_line(_main(afile))
+  assert f"The workdir '{afile}' cannot be created: {afile} is a file; choose another --workdir." in line
+  assert afile.read_text() == 'my notes'

@@ -73,6 +73,31 @@ def test_checkpoint_round_trips_the_whole_state(tmp_path):
 
 
 @pytest.mark.slow
+def test_steps_per_call_changes_nothing_in_the_run(tmp_path):
+  """1, 3 and 4 steps per call (calls cut short at log, evaluation and checkpoint points): identical metrics lines and
+  final state, bit for bit."""
+  runs = {}
+  for n in (1, 3, 4):
+    config = tiny_config(num_steps=12, lr_boundaries=(6,), log_every_steps=4, eval_every_steps=8,
+                         checkpoint_every_steps=8, steps_per_call=n)
+    train_loop.train_and_evaluate(config, str(tmp_path / f'n{n}'))
+    runs[n] = (_rows(tmp_path / f'n{n}'), checkpoint.Checkpointer(str(tmp_path / f'n{n}')).load_arrays(12))
+  for n in (3, 4):
+    assert runs[n][0] == runs[1][0]
+    for x, y in zip(jax.tree_util.tree_leaves(runs[n][1]), jax.tree_util.tree_leaves(runs[1][1])):
+      assert x.tobytes() == y.tobytes()
+  assert [r['step'] for r in runs[1][0]] == [4, 8, 12]
+
+
+def test_several_steps_per_call_need_the_in_memory_input():
+  from resnet_jax import config_base, validation
+  c = config_base.imagenet(18)
+  c.steps_per_call = 4
+  with pytest.raises(ValueError, match='steps_per_call=4 needs an in-memory dataset'):
+    validation.validate(c, 1)
+
+
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused_naming_the_fields(tmp_path):
   train_loop.train_and_evaluate(tiny_config(num_steps=3, lr_boundaries=(3,)), str(tmp_path))
   with pytest.raises(errors.ConfigMismatchError, match=r'model\.depth.*8.*14') as e:
