@@ -187,14 +187,14 @@ def write_checkpoint(config, params, batch_stats, workdir: str) -> None:
   state = train_step.init_state(config, model, (size, size, 3), config.model.num_classes)
   state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
                         batch_stats=jax.tree_util.tree_map(jnp.asarray, batch_stats))
-  os.makedirs(workdir, exist_ok=True)
-  np.save(os.path.join(workdir, 'pixel_mean.npy'), (TORCHVISION_MEAN * 255.0).reshape(1, 1, 3))
-  ckpt = checkpoint.Checkpointer(workdir)
-  if ckpt.all_steps():
-    raise FileExistsError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()}; choose a new --workdir.')
-  ckpt.save(state, force=True)
-  ckpt.close()
-  run_record.write(workdir, config)  # so that the evaluator reads the network and data from the workdir
+  with run_record.hold(workdir):  # one writer per workdir, as for a training run
+    np.save(os.path.join(workdir, 'pixel_mean.npy'), (TORCHVISION_MEAN * 255.0).reshape(1, 1, 3))
+    ckpt = checkpoint.Checkpointer(workdir)
+    if ckpt.all_steps():
+      raise FileExistsError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()}; choose a new --workdir.')
+    ckpt.save(state, force=True)
+    ckpt.close()
+    run_record.write(workdir, config)  # so that the evaluator reads the network and data from the workdir
 
 
 def define_flags():
