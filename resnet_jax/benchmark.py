@@ -4,7 +4,7 @@
                                  [--config.model.dtype=bfloat16 ...]
 
 It builds the step of `train_step.TrainSteps` (the one `resnet_jax.main` runs: config.steps_per_call steps per
-call), compiles it once (lowering and compile times reported separately), runs `--warmup` calls that are not timed,
+call in one device loop on accelerators, one step per program on the CPU), compiles it once (lowering and compile times reported separately), runs `--warmup` calls that are not timed,
 then `--repeats` timed windows of `--steps` calls each, blocking on the result only at the end of a window (as the
 training loop, which reads the device only at log points). The step time is the median over windows of the window's
 time divided by its steps.
@@ -106,7 +106,7 @@ def compile_only(config, devices=None) -> dict:
 
 
 def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 512, examples: int = 0,
-        devices=None) -> dict:
+        devices=None, device_loop: bool | None = None) -> dict:
   """Compiles and times the training step of `config`; returns the measurements as a dict (see module doc)."""
   if steps < 1 or repeats < 1 or warmup < 0:
     raise ValueError(f'--steps ({steps}) and --repeats ({repeats}) must be >= 1 and --warmup ({warmup}) >= 0.')
@@ -121,8 +121,8 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
   model, state = train_step.create_model_and_state(config, mesh)
   _block((state, args))
 
-  step_fn = train_step.TrainSteps(config, model, mesh, inp)
-  per_call = step_fn.per_call  # each call takes this many steps: --steps calls make a window
+  step_fn = train_step.TrainSteps(config, model, mesh, inp, device_loop=device_loop)
+  per_call = step_fn.steps_per_program  # each call of the compiled program takes this many steps
   c0, t0 = time.process_time(), time.perf_counter()
   lowered = step_fn.lower(state, *args)
   t1 = time.perf_counter()
@@ -158,7 +158,8 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
                   shortcut=config.model.shortcut, dtype=config.model.dtype, batch_size=config.batch_size,
                   bn_group_size=config.bn_group_size, image_size=config.data.image_size,
                   scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled,
-                  num_seeds=config.num_seeds, steps_per_call=per_call,
+                  num_seeds=config.num_seeds, steps_per_call=step_fn.per_call, steps_per_program=per_call,
+                  device_loop=step_fn.device_loop,
                   seed_batching=train_step.seed_batching(config, mesh) if config.num_seeds > 1 else None),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
                   cpu_devices=cpu_devices.describe() if device.platform == 'cpu' else None,
@@ -213,6 +214,8 @@ def define_flags():
   flags.DEFINE_bool('compile_only', False, 'Only lower and compile the step (from shapes, no initialisation) and '
                     'report the times.')
   flags.DEFINE_integer('num_devices', 0, 'Use the first N devices (0: all).')
+  flags.DEFINE_enum('device_loop', 'auto', ['auto', 'on', 'off'], 'Run the steps of a call in a loop on the device '
+                    '(auto: on accelerators, not on the CPU; train_step.TrainSteps).')
 
 
 def main(config, workdir) -> None:
@@ -226,7 +229,8 @@ def main(config, workdir) -> None:
           f'compile {result["compile_s"]:.1f} s + lowering {result["lower_s"]:.1f} s '
           f'({result["lower_and_compile_cpu_s"]:.1f} s of process CPU time)', flush=True)
     return
-  result = run(config, f.steps, f.repeats, f.warmup, f.pool, f.examples, devices)
+  loop = {'auto': None, 'on': True, 'off': False}[f.device_loop]
+  result = run(config, f.steps, f.repeats, f.warmup, f.pool, f.examples, devices, loop)
   print(json.dumps(result) if f.json else format_result(result), flush=True)
 
 

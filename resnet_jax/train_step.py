@@ -214,13 +214,16 @@ class TrainSteps:
   inside the step. The state is replicated and donated; the batch is sharded over the mesh, and the compiler
   inserts the gradient all-reduce.
 
-  For an input whose step inputs are the same every step (the in-memory sets: the batch is a function of the step
-  number, which the state carries), the steps of a call run in a `fori_loop` on the device: a call of
-  `steps_per_call` = N >= 2 steps is one program with the trip count fixed at compile time (an accelerator runs it
-  without the host between steps), any other count one program with the count as an argument. Both run the same
-  loop body, and XLA compiles a loop body alike whatever its trip count (a lone step outside a loop it compiles
-  differently, which changes float rounding), so a run gives the same bits whatever N is and however it is cut
-  into calls. The streamed input feeds a new batch each step: one step per call, no loop.
+  How the n steps of a call run (`device_loop`):
+    on GPUs and TPUs, in a `fori_loop` on the device, for an input whose step inputs are the same every step (the
+      in-memory sets: the batch is a function of the step number, which the state carries): a call of
+      `steps_per_call` = N steps is one program with the trip count fixed at compile time (the device runs it
+      without the host between steps); any other count, one program with the count as an argument. Both run the
+      same loop body, and XLA compiles a loop body alike whatever its trip count (a lone step outside a loop it
+      compiles differently, which changes float rounding), so a run gives the same bits however it is cut into calls.
+    on the CPU, and for the streamed input (a new batch each step), one program of one step, called n times: XLA:CPU
+      runs convolution gradients inside a loop body in its slow generic loop (30x slower for ResNet-20), and a CPU
+      step is long enough that calling it from Python costs nothing. The same bits for any N, trivially.
 
   With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step applied to each
   replica with its seed (the data inputs are shared): each replica draws its own batch, augmentation, BN
@@ -228,7 +231,7 @@ class TrainSteps:
   replica's batch is still sharded over the mesh: vmap leaves the replica axis of the sharding constraints
   unconstrained), or unrolled, one replica after the other in the same program."""
 
-  def __init__(self, config, model, mesh, inp):
+  def __init__(self, config, model, mesh, inp, device_loop: bool | None = None):
     replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
     def replica_step(state, seed, *inputs):
@@ -251,23 +254,32 @@ class TrainSteps:
     jit = lambda fn, *counts: jax.jit(fn, in_shardings=(replicated, *counts, *inp.input_shardings),
                                       out_shardings=replicated, donate_argnums=(0,))
     self.per_call = steps_per_call(config, mesh)
-    if config.data.streaming:
-      self._full, self._any = jit(step), None
+    if device_loop is None:
+      device_loop = mesh.devices.flat[0].platform != 'cpu'
+    self.device_loop = bool(device_loop) and not config.data.streaming
+    if not self.device_loop:
+      self._full, self._any, self.steps_per_program = jit(step), None, 1
       return
     loop = lambda state, n, *inputs: jax.lax.fori_loop(0, n, lambda _, s: step(s, *inputs), state)
     # A count of 1 known to the compiler would turn the loop into a lone step; hidden from it, the loop stays.
     count = self.per_call if self.per_call > 1 else lambda: jax.lax.optimization_barrier(np.int32(1))
     self._full = jit(lambda state, *inputs: loop(state, count if isinstance(count, int) else count(), *inputs))
     self._any = jit(loop, replicated)
+    self.steps_per_program = self.per_call
 
   def __call__(self, state, n: int, *inputs):
-    """The state after n steps (1 <= n <= steps_per_call; the streamed input: 1)."""
+    """The state after n steps (1 <= n <= steps_per_call)."""
+    if not self.device_loop:
+      for _ in range(n):
+        state = self._full(state, *inputs)
+      return state
     if n == self.per_call:
       return self._full(state, *inputs)
     return self._any(state, np.int32(n), *inputs)
 
   def lower(self, state, *inputs):
-    """The lowered program of a full call, `steps_per_call` steps: compiled, it is called as (state, *inputs)."""
+    """The lowered program of a full call: `steps_per_program` steps (steps_per_call with the device loop, else 1);
+    compiled, it is called as (state, *inputs)."""
     return self._full.lower(state, *inputs)
 
 
