@@ -4,7 +4,7 @@
 # wheel and the CIFAR-10 images, made here once with `bash experiments/gpu_compare.sh --prepare IMAGES`).
 #   OUT=DIR bash benchmarks/gpu_loop.sh
 # In order of importance, each part skipped (and named) when the time left is too short:
-#   1. the step alone (resnet_jax.benchmark, ResNet-20 at the defaults and with TF32 and whole-batch BN);
+#   1. the step alone (resnet_jax.benchmark, ResNet-20 at the defaults, 100 steps per call, TF32, whole-batch BN);
 #   2. the loop (benchmarks/loop_speed.py, ResNet-20, STEPS steps on the CIFAR images): the defaults, then TF32,
 #      whole-batch BN, no evaluation/checkpoint before the end, 10 and 100 steps per call, all together;
 #   3. K = 1, 2, 4, 8 seeds in one program on ResNet-20/56/110 (images/s summed over the seeds, memory), vmapped,
@@ -32,6 +32,7 @@ step() {  # step LABEL benchmark-args...: one resnet_jax.benchmark measurement, 
 }
 
 step "ResNet-20 defaults" --config=configs/cifar_20.py
+step "ResNet-20 100 steps per call" --config=configs/cifar_20.py --config.steps_per_call=100 --steps=3
 step "ResNet-20 TF32" --config=configs/cifar_20.py --config.matmul_precision=default
 step "ResNet-20 whole-batch BN" --config=configs/cifar_20.py --config.bn_group_size=0
 

@@ -109,13 +109,12 @@ def base() -> ml_collections.ConfigDict:
   # in its slow generic loop (6x slower per seed than one seed alone). 'unroll': each seed's step written out in turn
   # in the same program (the single-seed step each, equal to float rounding). 'auto': unroll on the CPU, vmap elsewhere.
   c.seed_batching = 'auto'          # 'auto' | 'vmap' | 'unroll'
-  # Training steps per call of the jitted step (not in the paper; the same run, bit for bit, for any value): on GPUs
-  # and TPUs N > 1 runs N steps in one device-side loop, so a fast accelerator is not held up by Python dispatching
-  # each step (on the CPU the steps of a call are dispatched one by one: train_step.TrainSteps). Log, evaluation and
-  # checkpoint points stay where they are (a call never jumps one); a stop signal is honoured after its call.
-  # In-memory datasets only (the streamed input feeds a new batch each step). 0: 1 on the CPU and for streamed
-  # data, 100 on GPUs and TPUs (train_step.steps_per_call).
-  c.steps_per_call = 0
+  # Training steps per call of the jitted step (not in the paper): on GPUs and TPUs N > 1 runs N steps in one
+  # device-side loop, so a fast accelerator is not held up by Python dispatching each step; on the CPU the steps of a
+  # call are dispatched one by one (train_step.TrainSteps). Every N > 1 gives the same run bit for bit, and N = 1 the
+  # same up to float rounding. Log, evaluation and checkpoint points stay where they are (a call never jumps one); a
+  # stop signal is honoured after its call. In-memory datasets only (the streamed input feeds a new batch each step).
+  c.steps_per_call = 1
   c.log_every_steps = 100
   c.eval_every_steps = 2_000
   c.checkpoint_every_steps = 2_000

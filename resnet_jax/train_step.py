@@ -199,31 +199,24 @@ def seed_batching(config, mesh) -> str:
   return 'unroll' if mesh.devices.flat[0].platform == 'cpu' else 'vmap'
 
 
-def steps_per_call(config, mesh) -> int:
-  """config.steps_per_call, with 0 (auto) resolved for the mesh's devices: 1 on the CPU (a step there takes long
-  enough that dispatching it from Python costs nothing) and for the streamed input (a new batch each step); 100 on
-  GPUs and TPUs, whose CIFAR steps are short enough for the host to hold them up."""
-  if config.steps_per_call:
-    return config.steps_per_call
-  return 1 if config.data.streaming or mesh.devices.flat[0].platform == 'cpu' else 100
-
-
 class TrainSteps:
   """The jitted training step of every run, called as `steps(state, n, *inputs) -> state` to take n steps, where
   `inputs` are what the input `inp` (input_pipeline.py) feeds and `inp.device_batch` turns into each step's batch,
   inside the step. The state is replicated and donated; the batch is sharded over the mesh, and the compiler
   inserts the gradient all-reduce.
 
-  How the n steps of a call run (`device_loop`):
-    on GPUs and TPUs, in a `fori_loop` on the device, for an input whose step inputs are the same every step (the
-      in-memory sets: the batch is a function of the step number, which the state carries): a call of
-      `steps_per_call` = N steps is one program with the trip count fixed at compile time (the device runs it
-      without the host between steps); any other count, one program with the count as an argument. Both run the
-      same loop body, and XLA compiles a loop body alike whatever its trip count (a lone step outside a loop it
-      compiles differently, which changes float rounding), so a run gives the same bits however it is cut into calls.
-    on the CPU, and for the streamed input (a new batch each step), one program of one step, called n times: XLA:CPU
-      runs convolution gradients inside a loop body in its slow generic loop (30x slower for ResNet-20), and a CPU
-      step is long enough that calling it from Python costs nothing. The same bits for any N, trivially.
+  How the n steps of a call run, with config.steps_per_call = N:
+    N = 1 (the default), on the CPU and for the streamed input (a new batch each step): one program of one step,
+      called n times. XLA:CPU runs convolution gradients inside a loop body in its slow generic loop (28x slower
+      for ResNet-20), and a CPU step is long enough that calling it from Python costs nothing.
+    N > 1 on GPUs and TPUs (`device_loop`), for an input whose step inputs are the same every step (the in-memory
+      sets: the batch is a function of the step number, which the state carries): in a `fori_loop` on the device.
+      A call of N steps is one program with the trip count fixed at compile time (the device runs it without the
+      host between steps); a shorter call (up to a log, evaluation or checkpoint point) one program with the count
+      as an argument. Both run the same loop body, and XLA compiles a loop body alike whatever its trip count, so
+      the run gives the same bits however it is cut into calls, and any N > 1 the same bits as any other. A lone
+      step outside a loop XLA compiles differently: N = 1 and N > 1 differ in float rounding, as runs on different
+      device counts do.
 
   With config.num_seeds = K > 1 the state has a leading K axis and the step is the one-replica step applied to each
   replica with its seed (the data inputs are shared): each replica draws its own batch, augmentation, BN
@@ -253,17 +246,15 @@ class TrainSteps:
 
     jit = lambda fn, *counts: jax.jit(fn, in_shardings=(replicated, *counts, *inp.input_shardings),
                                       out_shardings=replicated, donate_argnums=(0,))
-    self.per_call = steps_per_call(config, mesh)
+    self.per_call = config.steps_per_call
     if device_loop is None:
       device_loop = mesh.devices.flat[0].platform != 'cpu'
-    self.device_loop = bool(device_loop) and not config.data.streaming
+    self.device_loop = bool(device_loop) and self.per_call > 1 and not config.data.streaming
     if not self.device_loop:
       self._full, self._any, self.steps_per_program = jit(step), None, 1
       return
     loop = lambda state, n, *inputs: jax.lax.fori_loop(0, n, lambda _, s: step(s, *inputs), state)
-    # A count of 1 known to the compiler would turn the loop into a lone step; hidden from it, the loop stays.
-    count = self.per_call if self.per_call > 1 else lambda: jax.lax.optimization_barrier(np.int32(1))
-    self._full = jit(lambda state, *inputs: loop(state, count if isinstance(count, int) else count(), *inputs))
+    self._full = jit(lambda state, *inputs: loop(state, self.per_call, *inputs))
     self._any = jit(loop, replicated)
     self.steps_per_program = self.per_call
 

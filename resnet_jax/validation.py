@@ -11,7 +11,7 @@ from resnet_jax import data, data_sources, models, train_step
 MEAN_TYPES = ('per_pixel', 'per_channel', 'none')
 WEIGHT_DECAY_ON = ('all', 'kernels')
 POSITIVE = ('batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-            'eval_batch_size', 'keep_checkpoints')
+            'eval_batch_size', 'keep_checkpoints', 'steps_per_call')
 
 
 def _choices_error(what: str, value, valid) -> ValueError:
@@ -103,8 +103,6 @@ def _check_recipe(config) -> None:
                  ('config.matmul_precision', config.matmul_precision, train_step.MATMUL_PRECISIONS),
                  ('config.nonfinite_loss', config.nonfinite_loss, train_step.NONFINITE_POLICIES),
                  ('config.seed_batching', config.seed_batching, train_step.SEED_BATCHING))
-  if config.steps_per_call < 0:
-    raise ValueError(f'config.steps_per_call={config.steps_per_call} must be >= 0 (0: chosen for the devices).')
   if config.num_seeds < 1:
     raise ValueError(f'config.num_seeds={config.num_seeds} must be at least 1: the number of seeds trained together '
                      f'(config.seed, config.seed + 1, ...).')

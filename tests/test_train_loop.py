@@ -74,9 +74,9 @@ def test_checkpoint_round_trips_the_whole_state(tmp_path):
 
 @pytest.mark.slow
 def test_steps_per_call_changes_nothing_in_the_run(tmp_path):
-  """1, 3 and 4 steps per call (calls cut short at log, evaluation and checkpoint points): identical metrics lines and
-  final state, bit for bit. (On the CPU a call's steps are dispatched one by one; the device loop of accelerators is
-  checked in test_train_step.py.)"""
+  """1, 3 and 4 steps per call (calls cut short at log, evaluation and checkpoint points): on the CPU identical
+  metrics lines and final state, bit for bit (a call's steps are dispatched one by one there; the device loop of
+  accelerators is checked in test_train_step.py)."""
   runs = {}
   for n in (1, 3, 4):
     config = tiny_config(num_steps=12, lr_boundaries=(6,), log_every_steps=4, eval_every_steps=8,

@@ -251,12 +251,11 @@ def test_unknown_matmul_precision_lists_the_choices():
 
 
 def test_the_device_loop_gives_the_same_bits_however_the_steps_are_cut_into_calls():
-  """The loop accelerators run (TrainSteps with device_loop): one step per call (the loop count hidden from the
-  compiler), 4 per call, and 3 per call with calls cut short at every fourth step, all reach the same state after
-  12 steps, bit for bit."""
+  """The loop accelerators run (TrainSteps with device_loop): 2, 4 and 3 steps per call, with calls cut short at
+  every fourth step (calls of 1 step at 3 per call), all reach the same state after 12 steps, bit for bit."""
   mesh = mesh_lib.make_mesh()
   states = {}
-  for n in (1, 4, 3):
+  for n in (2, 4, 3):
     c = tiny_config(steps_per_call=n)
     inp = input_pipeline.InMemoryInput(c, mesh)
     model, state = train_step.create_model_and_state(c, mesh)
@@ -267,6 +266,6 @@ def test_the_device_loop_gives_the_same_bits_however_the_steps_are_cut_into_call
       state, done = steps(state, k, *args), done + k
     states[n] = jax.device_get(state)
   for n in (4, 3):
-    for a, b in zip(jax.tree_util.tree_leaves(states[1]), jax.tree_util.tree_leaves(states[n])):
+    for a, b in zip(jax.tree_util.tree_leaves(states[2]), jax.tree_util.tree_leaves(states[n])):
       assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-  assert int(states[1].step) == 12
+  assert int(states[2].step) == 12
