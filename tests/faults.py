@@ -53,22 +53,36 @@ def armed(point: str):
 _fired = set()
 
 
-def reached(name: str, step: int) -> str | None:
+def reached(name: str, step: int, announce: bool = True) -> str | None:
   """The action armed for `name` the first time this process reaches `step` or passes it (None otherwise)."""
   target = armed(name)
   if target is None or step < target[1] or name in _fired:
     return None
   _fired.add(name)
-  print(f'[test fault] {target[0]} at {name} at step {step}', flush=True)
+  if announce:
+    _announce(target[0], name, step)
   return target[0]
+
+
+def _announce(action: str, name: str, step: int) -> None:
+  print(f'[test fault] {action} at {name} at step {step}', flush=True)
+
+
+# The run's checkpointers, so that a pause first lets their writes in flight finish: a paused run's workdir then
+# stays as it is until the pause ends (orbax finishes a checkpoint in a background thread).
+_checkpointers = []
 
 
 def point(name: str, step: int) -> None:
   """Signals or pauses this process if a signal or pause is armed for `name` and reached at `step`."""
-  action = reached(name, step)
+  action = reached(name, step, announce=False)
   if action == 'pause':
+    for c in _checkpointers if name != 'checkpoint' else ():  # inside a write, that write cannot finish first
+      c.manager.wait_until_finished()
+    _announce(action, name, step)
     time.sleep(600)
   elif action in ('kill', 'term', 'int'):
+    _announce(action, name, step)
     os.kill(os.getpid(), ACTIONS[action])
 
 
@@ -139,6 +153,12 @@ def install() -> None:
       return write(self, step, metrics)
     metrics_io.MetricsWriter.write = write_on_a_full_disk
   checkpoint.Checkpointer.temporary_path_class = temporary_path_class()
+  init = checkpoint.Checkpointer.__init__
+
+  def init_and_keep(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    _checkpointers.append(self)
+  checkpoint.Checkpointer.__init__ = init_and_keep
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ bad input gets one clear message and leaves the workdir as it was. docs/reliabil
 The subprocess runs use the tiny digits run below on 2 CPU devices and share one uninterrupted reference run and one
 JAX compilation cache (module fixtures): 15 short runs in all.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -106,8 +107,8 @@ def _steps(workdir):
 
 
 def _snapshot(root):
-  """Every file under `root` with its bytes and mtime: equal snapshots mean nothing was written. The lock file is
-  left out: it records whoever holds the workdir now (empty when nobody does)."""
+  """Every file under `root` with the SHA-256 of its bytes and its mtime: equal snapshots mean nothing was written.
+  The lock file is left out: it records whoever holds the workdir now (empty when nobody does)."""
   out = {}
   for d, _, files in os.walk(root):
     for f in files:
@@ -115,7 +116,7 @@ def _snapshot(root):
         continue
       p = os.path.join(d, f)
       with open(p, 'rb') as fh:
-        out[os.path.relpath(p, root)] = (fh.read(), os.stat(p).st_mtime_ns)
+        out[os.path.relpath(p, root)] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(p).st_mtime_ns)
   return out
 
 
