@@ -50,7 +50,7 @@ for net in ${NETS//,/ }; do
     pids+=($!)
   done
 done
-for pid in "${pids[@]}"; do wait "$pid"; echo "process $pid exited with $? (3: stopped at the budget, resumable)"; done
+gpu_wait "${pids[@]}"
 for log in "$RUNS/$EXP"/*/train*.log; do echo "== $log"; grep -v '^WARNING' "$log" | tail -n 3; done
 
 mkdir -p "$OUT/$EXP"

@@ -71,3 +71,15 @@ gpu_pack() {
   local name=$1; shift
   tar czf "$OUT/runs_$name.tar.gz" -C "$RUNS" "$@" && echo "packed $OUT/runs_$name.tar.gz ($(du -h "$OUT/runs_$name.tar.gz" | cut -f1))"
 }
+
+gpu_wait() {  # gpu_wait PID...: waits for each trainer process and says how it ended
+  local pid rc
+  for pid in "$@"; do
+    wait "$pid"; rc=$?
+    case $rc in
+      0) echo "process $pid finished" ;;
+      3|124) echo "process $pid stopped at the budget, checkpointed: run the same command to resume" ;;
+      *) echo "process $pid FAILED with exit status $rc (the tail of its log follows)" ;;
+    esac
+  done
+}

@@ -61,7 +61,7 @@ while (( SECONDS < BUDGET )); do
   sleep 2
 done
 for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null; done
-for pid in "${pids[@]}"; do wait "$pid"; echo "process $pid exited with $? (3: stopped at the budget, resumable)"; done
+gpu_wait "${pids[@]}"
 for name in "${names[@]}"; do echo "== $name"; grep -v '^WARNING' "$RUNS/logs/$name.log" | tail -n 3; done
 
 mkdir -p "$OUT/$EXP"
