@@ -11,7 +11,7 @@
 #    the log windows after the first (benchmarks/loop_speed.py's measure).
 # Results: $OUT/gpu_imagenet.jsonl and the log $OUT/gpu_imagenet.log. The goal: the loop at >= 90% of the step.
 # Knobs: IMAGES (4000), STEPS (300), WORKERS ("0 8 14"), CONFIG (configs/imagenet_50.py), DTYPE (bfloat16),
-# IMAGE_SIZE (the config's), DEADLINE (seconds, 520), PYTHON.
+# IMAGE_SIZE and BATCH (the config's), DEADLINE (seconds, 520), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source experiments/gpu_lib.sh
@@ -28,6 +28,7 @@ RES=$OUT/gpu_imagenet.jsonl
 SECONDS=0
 SIZE_ARGS=()
 [ -n "${IMAGE_SIZE:-}" ] && SIZE_ARGS=(--config.data.image_size="$IMAGE_SIZE" --config.data.scale_range="($IMAGE_SIZE,$((IMAGE_SIZE * 2)))" --config.data.eval_resize="$IMAGE_SIZE")
+[ -n "${BATCH:-}" ] && SIZE_ARGS+=(--config.batch_size="$BATCH")
 COMMON=(--config="$CONFIG" --config.model.dtype="$DTYPE" "${SIZE_ARGS[@]}")
 
 if [ ! -d "$DATA_DIR/train" ]; then
@@ -38,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, 'benchmarks')
 from input_throughput import make_synthetic
 root, n = sys.argv[1], int(sys.argv[2])
-parts = 16
+parts = max(1, min(16, n // 10))  # every part writes all 10 classes
 with ProcessPoolExecutor(parts) as pool:  # each part its own seed and file names: a disjoint share of the folder
   list(pool.map(make_synthetic, [f'{root}/part{k}' for k in range(parts)], [n // parts] * parts, [10] * parts,
                 range(parts)))
@@ -68,10 +69,10 @@ for w in $WORKERS; do
   timeout $((DEADLINE - SECONDS)) $PYTHON -m resnet_jax.main "${COMMON[@]}" --workdir="$workdir" \
     --config.data.source=folder --config.data.data_dir="$DATA_DIR" --config.model.num_classes=10 \
     --config.data.workers="$w" --config.num_steps="$STEPS" --config.lr_boundaries="($STEPS,)" \
-    --config.log_every_steps=$((STEPS / 10)) --config.eval_every_steps="$STEPS" \
+    --config.log_every_steps=$(( STEPS >= 10 ? STEPS / 10 : 1 )) --config.eval_every_steps="$STEPS" \
     --config.checkpoint_every_steps="$STEPS" --config.data.mean_examples=500 > "$workdir/log" 2>&1
   tail -n 3 "$workdir/log"
-  $PYTHON - "$workdir" "$w" "$RES" <<'PYEOF'
+  $PYTHON - "$workdir" "$w" "$RES" <<'PYEOF' || echo "FAILED: the loop with $w workers (its log's tail is above)"
 import json, sys
 sys.path.insert(0, 'benchmarks')
 from loop_speed import loop_images_per_sec
