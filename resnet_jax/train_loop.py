@@ -69,6 +69,7 @@ def _run(config, workdir: str, force_resume: bool, mesh) -> dict:
 
 def _run_held(config, workdir: str, force_resume: bool, mesh, is_main: bool) -> dict:
   inp = input_pipeline.create(config, mesh, workdir)
+  ckpt = None
   try:
     if not force_resume:
       run_record.check_resume(workdir, config)
@@ -96,6 +97,10 @@ def _run_held(config, workdir: str, force_resume: bool, mesh, is_main: bool) -> 
                      lambda state, step: [evaluate_splits(model, inp, _replica(state, k, config.num_seeds), step)
                                           for k in range(config.num_seeds)],
                      inp.iterator_state)
+  except BaseException:
+    if ckpt is not None:
+      ckpt.abandon()  # a failure mid-run: no write of ours left running behind the error being reported
+    raise
   finally:
     inp.close()
 
@@ -216,56 +221,52 @@ def _run_loop(config, workdir: str, ckpt, state, start_step: int, is_main: bool,
   last = {}
   window_start, window_step = time.time(), start_step
   step = start_step
-  try:
-    with StopRequest() as stop:
-      while step < config.num_steps:
-        n = min(per_call, _steps_to_next_point(config, step))
-        state = take_steps(state, n)
-        step += n
-        if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
-          stop.signal = signal.SIGTERM
-        final = step == config.num_steps
-        rows = [{} for _ in seeds]
-        # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
-        # the same lines as an uninterrupted one.
-        if step % config.log_every_steps == 0 or final:
-          all_sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
-          now = time.time()
-          examples_per_sec = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
-          window_start, window_step = now, step
-          for seed, sums, row in zip(seeds, _split_seeds(all_sums, config.num_seeds), rows):
-            skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True, seed=seed if multi else None)
-            row.update(_summarise(sums, 'train'))
-            row['lr'] = float(sums['lr'])
-            if config.nonfinite_loss == 'skip':
-              row['skipped_steps'] = skipped
-            row['examples_per_sec'] = examples_per_sec  # per seed: each replica trains on its own batch
-          state = state.replace(train_sums=jax.device_put(
-              jax.tree_util.tree_map(np.zeros_like, all_sums), replicated))
-        if step % config.eval_every_steps == 0 or final:
-          for row, evaluated in zip(rows, eval_rows(state, step)):
-            row.update(evaluated)
-        if rows[0]:
-          for seed, writer, row in zip(seeds, writers, rows):
-            writer.write(step, row)
-            progress.print(step, row, prefix=f'seed {seed}: ' if multi else '')
-          last = ({'step': step, **rows[0]} if not multi else
-                  {'step': step, 'seeds': {seed: row for seed, row in zip(seeds, rows)}})
-        if step % config.checkpoint_every_steps == 0 or final or stop.signal:
-          # Never checkpoint a broken state.
-          for seed, sums in zip(seeds, _split_seeds(jax.device_get(state.train_sums), config.num_seeds)):
-            _check_nonfinite(config, sums, step, ckpt, log_point=False, seed=seed if multi else None)
-          ckpt.save(state, force=bool(stop.signal), data_state=data_state())
-        if stop.signal and not final:
-          ckpt.wait()
-          if is_main:
-            print(f'Stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint written. '
-                  'Run the same command to resume.', flush=True)
-          last = {**last, 'stopped_by_signal': int(stop.signal)}
-          break
-  except BaseException:
-    ckpt.abandon()  # a failure mid-run: no write of ours left running behind the error being reported
-    raise
+  with StopRequest() as stop:
+    while step < config.num_steps:
+      n = min(per_call, _steps_to_next_point(config, step))
+      state = take_steps(state, n)
+      step += n
+      if distributed.preemption_reached(step):  # several processes: the step all agreed on after a SIGTERM
+        stop.signal = signal.SIGTERM
+      final = step == config.num_steps
+      rows = [{} for _ in seeds]
+      # A stop request does not add a log point: the window's sums are in the checkpoint, so the resumed run writes
+      # the same lines as an uninterrupted one.
+      if step % config.log_every_steps == 0 or final:
+        all_sums = jax.device_get(state.train_sums)  # the loop's only host sync between log points
+        now = time.time()
+        examples_per_sec = (step - window_step) * config.batch_size / max(now - window_start, 1e-9)
+        window_start, window_step = now, step
+        for seed, sums, row in zip(seeds, _split_seeds(all_sums, config.num_seeds), rows):
+          skipped = _check_nonfinite(config, sums, step, ckpt, log_point=True, seed=seed if multi else None)
+          row.update(_summarise(sums, 'train'))
+          row['lr'] = float(sums['lr'])
+          if config.nonfinite_loss == 'skip':
+            row['skipped_steps'] = skipped
+          row['examples_per_sec'] = examples_per_sec  # per seed: each replica trains on its own batch
+        state = state.replace(train_sums=jax.device_put(
+            jax.tree_util.tree_map(np.zeros_like, all_sums), replicated))
+      if step % config.eval_every_steps == 0 or final:
+        for row, evaluated in zip(rows, eval_rows(state, step)):
+          row.update(evaluated)
+      if rows[0]:
+        for seed, writer, row in zip(seeds, writers, rows):
+          writer.write(step, row)
+          progress.print(step, row, prefix=f'seed {seed}: ' if multi else '')
+        last = ({'step': step, **rows[0]} if not multi else
+                {'step': step, 'seeds': {seed: row for seed, row in zip(seeds, rows)}})
+      if step % config.checkpoint_every_steps == 0 or final or stop.signal:
+        # Never checkpoint a broken state.
+        for seed, sums in zip(seeds, _split_seeds(jax.device_get(state.train_sums), config.num_seeds)):
+          _check_nonfinite(config, sums, step, ckpt, log_point=False, seed=seed if multi else None)
+        ckpt.save(state, force=bool(stop.signal), data_state=data_state())
+      if stop.signal and not final:
+        ckpt.wait()
+        if is_main:
+          print(f'Stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint written. '
+                'Run the same command to resume.', flush=True)
+        last = {**last, 'stopped_by_signal': int(stop.signal)}
+        break
   ckpt.close()
   for writer in writers:
     writer.close()
