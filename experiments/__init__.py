@@ -1,4 +1,4 @@
-"""Scripts that regenerate the paper's tables and figures from runs of `resnet_jax.train_loop`.
+"""Scripts that regenerate the paper's tables and figures from runs of `resnet_jax.train`.
 
 One command per experiment, run from the repository root (see docs/experiments.md):
 

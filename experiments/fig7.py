@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from experiments import sweep
+from resnet_jax.errors import DataError, MissingFileError
 
 FIG7_JSON, FIG7_PNG = 'fig7.json', 'fig7.png'
 
@@ -98,12 +99,12 @@ def run_stds(workdir: str, data_cache: dict | None = None, overrides: dict | Non
   inp = cache[key]
   splits = inp.eval_splits()
   if not splits:
-    raise ValueError('The dataset has neither a test split nor a validation hold-out; set config.data.val_examples.')
+    raise DataError('The dataset has neither a test split nor a validation hold-out; set config.data.val_examples.')
   split = 'test' if 'test' in splits else splits[0]
   try:
     model, state, step = checkpoint.restore_from_workdir(config, workdir, mesh)
   except errors.CheckpointNotFoundError as e:
-    raise ValueError(f'{e} Train the run first.') from e
+    raise MissingFileError(f'{e} Train the run first.') from e
   stds = layer_stds(model, evaluate.local_variables(state), inp.eval_batches(split))
   return {'stds': stds.tolist(), 'split': split, 'step': int(step), 'depth': config.model.depth,
           'residual': bool(config.model.residual)}
@@ -142,7 +143,7 @@ def find_runs(experiment_dir: str, nets=None, seed: int = 0) -> dict:
   """net -> workdir of the given seed, for every net folder with a config.json, in a stable order."""
   out = {}
   if not os.path.isdir(experiment_dir):
-    raise FileNotFoundError(f'No experiment folder {experiment_dir!r}; run e.g. python -m experiments.table6 first.')
+    raise MissingFileError(f'No experiment folder {experiment_dir!r}; run e.g. python -m experiments.table6 first.')
   for net in sorted(os.listdir(experiment_dir), key=_net_sort_key):
     workdir = os.path.join(experiment_dir, net, f'seed{seed}')
     if os.path.exists(os.path.join(workdir, 'config.json')) and (not nets or net in nets):
@@ -150,8 +151,8 @@ def find_runs(experiment_dir: str, nets=None, seed: int = 0) -> dict:
   if nets:
     missing = sorted(set(nets) - set(out))
     if missing:
-      raise FileNotFoundError(f'No run of {", ".join(missing)} (seed {seed}) under {experiment_dir}; found: '
-                              f'{", ".join(out) or "none"}.')
+      raise MissingFileError(f'No run of {", ".join(missing)} (seed {seed}) under {experiment_dir}; found: '
+                             f'{", ".join(out) or "none"}.')
   return out
 
 
@@ -165,7 +166,7 @@ def _net_sort_key(net: str):
 def analyse(experiment_dir: str, nets=None, seed: int = 0, log=print, overrides: dict | None = None) -> dict:
   runs = find_runs(experiment_dir, nets, seed)
   if not runs:
-    raise FileNotFoundError(f'No runs (net/seed{seed}/config.json) under {experiment_dir}.')
+    raise MissingFileError(f'No runs (net/seed{seed}/config.json) under {experiment_dir}.')
   cache, results = {}, {}
   for net, workdir in runs.items():
     results[net] = run_stds(workdir, cache, overrides)

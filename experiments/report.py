@@ -25,6 +25,7 @@ import ml_collections
 
 from experiments import paper, plots, sweep
 from resnet_jax import metrics_io, run_record
+from resnet_jax.errors import MissingFileError
 
 
 @dataclasses.dataclass
@@ -131,8 +132,8 @@ def collect(runs_dir: str) -> dict:
   <experiment>/<net>/seed<k>) belongs to the experiment of its first folder; runs_dir itself, or a workdir
   directly in it, to the experiment named after runs_dir."""
   if not os.path.isdir(runs_dir):
-    raise FileNotFoundError(f'No runs folder {runs_dir!r}; run an experiment first, e.g. '
-                            'python -m experiments.digits_degradation --runs_dir runs.')
+    raise MissingFileError(f'No runs folder {runs_dir!r}; run an experiment first, e.g. '
+                           'python -m experiments.digits_degradation --runs_dir runs.')
   out = {}
   for workdir in find_runs(runs_dir):
     parts = os.path.relpath(workdir, runs_dir).split(os.sep)

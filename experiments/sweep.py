@@ -1,6 +1,6 @@
 """A resumable sweep: a list of (experiment, net, seed, config) runs, each in its own trainer workdir.
 
-RUNS_DIR/<experiment>/<net>/seed<k>/ holds what `resnet_jax.train_loop.train_and_evaluate` writes (metrics.jsonl,
+RUNS_DIR/<experiment>/<net>/seed<k>/ holds what `resnet_jax.train.train_and_evaluate` writes (metrics.jsonl,
 config.json, checkpoints/, curves.png) plus run_info.json: the wall time summed over every invocation that worked on
 the run. Running a sweep again skips the finished runs and resumes the unfinished ones from their last checkpoint
 (the trainer resumes by itself; this module decides what to start and keeps the books).
@@ -16,12 +16,13 @@ import os
 import time
 
 from resnet_jax import errors, metrics_io, run_record
+from resnet_jax.errors import ConfigError, MissingFileError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, 'configs')
 RUN_INFO = 'run_info.json'
 # Mistakes in a config, the data or the runs folder: the commands print one line for these, not a stack trace.
-USER_ERRORS = errors.USER_ERRORS + (TypeError, FileNotFoundError)
+USER_ERRORS = errors.USER_ERRORS
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class RunSpec:
 def load_config_file(path: str):
   """Calls get_config() of a configs/*.py file, the way `--config=` does in resnet_jax.main."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path!r}; the configs are in {CONFIG_DIR}.')
+    raise MissingFileError(f'No config file {path!r}; the configs are in {CONFIG_DIR}.')
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -56,7 +57,7 @@ def parse_overrides(items) -> dict:
   out = {}
   for item in items or ():
     if '=' not in item:
-      raise ValueError(f'Override {item!r} is not KEY=VALUE (e.g. num_steps=200 or data.source=folder).')
+      raise ConfigError(f'Override {item!r} is not KEY=VALUE (e.g. num_steps=200 or data.source=folder).')
     key, value = item.split('=', 1)
     try:
       out[key.strip()] = ast.literal_eval(value)
@@ -72,15 +73,18 @@ def apply_overrides(config, overrides: dict):
     *parents, leaf = key.split('.')
     for p in parents:
       if p not in target:
-        raise ValueError(f'Unknown config section {p!r} in {key!r}; valid: {", ".join(sorted(target.keys()))}.')
+        raise ConfigError(f'Unknown config section {p!r} in {key!r}; valid: {", ".join(sorted(target.keys()))}.')
       target = target[p]
     if leaf not in target:
-      raise ValueError(f'Unknown config field {key!r}; valid fields here: {", ".join(sorted(target.keys()))}.')
+      raise ConfigError(f'Unknown config field {key!r}; valid fields here: {", ".join(sorted(target.keys()))}.')
     if isinstance(target[leaf], float) and isinstance(value, int):
       value = float(value)
     if isinstance(target[leaf], tuple) and isinstance(value, (int, list)):
       value = tuple(value) if isinstance(value, list) else (value,)
-    target[leaf] = value
+    try:
+      target[leaf] = value
+    except TypeError as e:  # ml_collections refuses a value of another type than the field's
+      raise ConfigError(f'{key}={value!r}: {e}') from None
   return config
 
 
@@ -155,7 +159,7 @@ def run_sweep(specs, runs_dir: str, dry_run: bool = False, log=print) -> dict:
 def _train(spec, workdir: str, log) -> str:
   """Trains one spec in its (held) workdir and keeps its books in run_info.json; returns the outcome."""
   import jax
-  from resnet_jax import train_loop  # imports jax; kept out of module import so --help and dry runs stay light
+  from resnet_jax import train  # imports jax; kept out of module import so --help and dry runs stay light
   info = read_run_info(workdir)
   info.update(experiment=spec.experiment, net=spec.net, seed=spec.seed, num_seeds=spec.config.num_seeds,
               note=spec.note, planned_steps=spec.config.num_steps)
@@ -164,7 +168,7 @@ def _train(spec, workdir: str, log) -> str:
   t0 = time.time()
   outcome = 'error'  # what run_info says if the trainer raises anything else (the exception propagates)
   try:
-    last = train_loop.train_and_evaluate(spec.config, workdir)
+    last = train.train_and_evaluate(spec.config, workdir)
     # A signal ends the run early: the trainer says so ('stopped_by_signal'), or its last step is short.
     stopped = last.get('stopped_by_signal') or last.get('step', spec.config.num_steps) < spec.config.num_steps
     outcome = 'stopped' if stopped else 'finished'
@@ -197,4 +201,4 @@ def parse_seeds(text: str) -> list[int]:
   try:
     return [int(s) for s in text.split(',') if s.strip()]
   except ValueError:
-    raise ValueError(f'--seeds={text!r} must be comma-separated integers, e.g. 0,1,2.') from None
+    raise ConfigError(f'--seeds={text!r} must be comma-separated integers, e.g. 0,1,2.') from None

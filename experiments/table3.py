@@ -7,7 +7,7 @@
   python -m experiments.table3 --runs_dir runs --subset_dir DIR [--image_size 64] [--steps 1000]
 
 Each net is a configs/imagenet_*.py (the paper's Sec. 3.4 recipe) with the shortcut option overridden where
-Table 3 varies it; every run goes through resnet_jax.train_loop.train_and_evaluate, so it resumes where it stopped.
+Table 3 varies it; every run goes through resnet_jax.train.train_and_evaluate, so it resumes where it stopped.
 The paper's Table 3 errors are 10-crop. A training run evaluates the centre crop, and the report labels that number
 'centre crop' beside the paper's '10-crop'; for the paper's protocol, evaluate the finished run's workdir with
 `python -m resnet_jax.evaluate --workdir=RUN --protocol=10crop`, and the report uses that error instead
@@ -18,6 +18,7 @@ import os
 import sys
 
 from experiments import sweep
+from resnet_jax.errors import ConfigError, MissingFileError
 
 # net -> (config file, overrides): Table 3's rows.
 NETS = {
@@ -35,11 +36,11 @@ def subset_overrides(subset_dir: str, image_size: int) -> dict:
   hold-out of 10% when there is no test split, batch 64 with BN over groups of 32 (the paper's group size)."""
   train_dir = os.path.join(subset_dir, 'train')
   if not os.path.isdir(train_dir):
-    raise FileNotFoundError(f'--subset_dir needs {train_dir}/<class>/*.jpg (and optionally {subset_dir}/test/); '
-                            f'e.g. a few ImageNet classes, or the CIFAR-10 JPEG folder.')
+    raise MissingFileError(f'--subset_dir needs {train_dir}/<class>/*.jpg (and optionally {subset_dir}/test/); '
+                           f'e.g. a few ImageNet classes, or the CIFAR-10 JPEG folder.')
   classes = [c for c in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, c))]
   if len(classes) < 2:
-    raise FileNotFoundError(f'{train_dir} has {len(classes)} class folders; Table 3 needs at least 2.')
+    raise MissingFileError(f'{train_dir} has {len(classes)} class folders; Table 3 needs at least 2.')
   num_images = sum(len(os.listdir(os.path.join(train_dir, c))) for c in classes)
   out = {'data.source': 'folder', 'data.data_dir': subset_dir, 'data.dataset': SUBSET_DATASET,
          'data.image_size': image_size, 'model.num_classes': len(classes), 'batch_size': 64, 'bn_group_size': 32,
@@ -53,7 +54,7 @@ def make_specs(nets, seeds, steps: int = 0, overrides: dict | None = None, subse
                image_size: int = 64, config_dir: str = sweep.CONFIG_DIR):
   unknown = [n for n in nets if n not in NETS]
   if unknown:
-    raise ValueError(f'Unknown Table 3 net(s) {", ".join(unknown)}; valid: {", ".join(NETS)}.')
+    raise ConfigError(f'Unknown Table 3 net(s) {", ".join(unknown)}; valid: {", ".join(NETS)}.')
   base = subset_overrides(subset_dir, image_size) if subset_dir else {}
   note = (f'image-folder subset {subset_dir} at {image_size}x{image_size}, NOT ImageNet' if subset_dir
           else 'ImageNet; the paper tests 10 crops, a training run the centre crop')

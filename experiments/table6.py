@@ -18,6 +18,7 @@ import os
 import sys
 
 from experiments import paper, sweep
+from resnet_jax.errors import ConfigError
 
 RESIDUAL_DEPTHS = (20, 32, 44, 56, 110)
 PLAIN_DEPTHS = (20, 32, 44, 56, 110)
@@ -27,7 +28,7 @@ VALID_NETS = DEFAULT_NETS + ['resnet-1202']
 
 def config_path(net: str, config_dir: str = sweep.CONFIG_DIR) -> str:
   if net not in VALID_NETS:
-    raise ValueError(f'Unknown CIFAR net {net!r}; valid: {", ".join(VALID_NETS)}.')
+    raise ConfigError(f'Unknown CIFAR net {net!r}; valid: {", ".join(VALID_NETS)}.')
   kind, depth = net.split('-')
   return os.path.join(config_dir, f'cifar_{"plain_" if kind == "plain" else ""}{depth}.py')
 
@@ -52,7 +53,7 @@ def make_specs(nets, seeds, steps: int = 0, overrides: dict | None = None, exper
       seed = group[0]
       c = sweep.load_config_file(config_path(net, config_dir))
       if paper.net_name(c.model) != net:
-        raise ValueError(f'{config_path(net, config_dir)} builds {paper.net_name(c.model)}, not {net}.')
+        raise ConfigError(f'{config_path(net, config_dir)} builds {paper.net_name(c.model)}, not {net}.')
       if steps:
         sweep.shorten(c, steps)
       sweep.apply_overrides(c, overrides or {})

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from resnet_jax.errors import ConfigError
 
 
 class BatchNorm(nn.Module):
@@ -50,8 +51,8 @@ class BatchNorm(nn.Module):
     batch = x.shape[0]
     group = self.group_size or batch
     if batch % group:
-      raise ValueError(f'BatchNorm group_size={group} does not divide the batch of {batch} examples; '
-                       'choose a bn_group_size that divides the global batch size.')
+      raise ConfigError(f'BatchNorm group_size={group} does not divide the batch of {batch} examples; '
+                        'choose a bn_group_size that divides the global batch size.')
     xg = x.reshape((batch // group, group) + x.shape[1:])
     axes = tuple(range(1, xg.ndim - 1))  # examples in the group and spatial positions
     # One pass over the activations, accumulated in float32: E[x] and E[x^2] (as flax.linen.BatchNorm does).

@@ -3,7 +3,7 @@
   python -m resnet_jax.benchmark --config=configs/cifar_20.py [--steps=N] [--repeats=R] [--json]
                                  [--config.model.dtype=bfloat16 ...]
 
-It builds the step of `train_step.TrainSteps` (the one `resnet_jax.main` runs: config.steps_per_call steps per
+It builds the step of `xla_workarounds.StepCaller` (the one `resnet_jax.main` runs: config.steps_per_call steps per
 call in one device loop on accelerators, one step per program on the CPU), compiles it once (lowering and compile times reported separately), runs `--warmup` calls that are not timed,
 then `--repeats` timed windows of `--steps` calls each, blocking on the result only at the end of a window (as the
 training loop, which reads the device only at log points). The step time is the median over windows of the window's
@@ -33,7 +33,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from resnet_jax import cli, cpu_devices, data, input_pipeline, mesh as mesh_lib, summary, train_step, validation
+from resnet_jax import (cli, cpu_devices, data, input_pipeline, mesh as mesh_lib, models, seeds, summary, train_step,
+                        validation, xla_workarounds)
+from resnet_jax.errors import ConfigError
 
 # Dense peak FLOP/s of the tensor units by device kind and compute dtype (vendor datasheets, no sparsity).
 # float32 on NVIDIA GPUs runs convolutions and matmuls as TF32 under XLA's default precision, so its peak is
@@ -63,8 +65,8 @@ def synthetic_data(config, pool: int = 512, examples: int = 0, seed: int = 0):
   else:
     n = examples or DATASET_EXAMPLES.get(config.data.dataset, 50_000)
   if n < config.batch_size:
-    raise ValueError(f'The synthetic training set ({n} images) must hold at least one batch of '
-                     f'{config.batch_size}; raise --pool or --examples.')
+    raise ConfigError(f'The synthetic training set ({n} images) must hold at least one batch of '
+                      f'{config.batch_size}; raise --pool or --examples.')
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, config.model.num_classes, (n,), dtype=np.int32)
@@ -90,11 +92,13 @@ def compile_only(config, devices=None) -> dict:
   mesh = mesh_lib.make_mesh(devices, config.mesh)
   validation.validate(config, mesh.devices.size)
   inp = synthetic_input(config, mesh, examples=config.batch_size)
-  model, state = train_step.create_model_and_state(config, mesh, abstract=True)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  state = train_step.create_state(config, model, mesh, abstract=True)
   spec = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
   args = [spec(a, sh) for a, sh in zip(next(inp.train_inputs(0)), inp.input_shardings)]
   c0, t0 = time.process_time(), time.perf_counter()
-  lowered = train_step.TrainSteps(config, model, mesh, inp).lower(state, *args)
+  lowered = xla_workarounds.StepCaller(train_step.make_step(config, model, mesh, inp), config, mesh,
+                                       inp.input_shardings).lower(state, *args)
   t1 = time.perf_counter()
   lowered.compile()
   c2, t2 = time.process_time(), time.perf_counter()
@@ -109,7 +113,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
         devices=None, device_loop: bool | None = None) -> dict:
   """Compiles and times the training step of `config`; returns the measurements as a dict (see module doc)."""
   if steps < 1 or repeats < 1 or warmup < 0:
-    raise ValueError(f'--steps ({steps}) and --repeats ({repeats}) must be >= 1 and --warmup ({warmup}) >= 0.')
+    raise ConfigError(f'--steps ({steps}) and --repeats ({repeats}) must be >= 1 and --warmup ({warmup}) >= 0.')
   config = config.copy_and_resolve_references() if hasattr(config, 'copy_and_resolve_references') else config
   if config.model.family == 'imagenet':
     config.data.pad = 0  # the pool images are already at the crop size; the flip still runs in the step
@@ -118,10 +122,12 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
   validation.validate(config, num_devices)
   inp = synthetic_input(config, mesh, pool, examples)
   args = next(inp.train_inputs(0))
-  model, state = train_step.create_model_and_state(config, mesh)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  state = train_step.create_state(config, model, mesh)
   _block((state, args))
 
-  step_fn = train_step.TrainSteps(config, model, mesh, inp, device_loop=device_loop)
+  step_fn = xla_workarounds.StepCaller(train_step.make_step(config, model, mesh, inp), config, mesh,
+                                       inp.input_shardings, device_loop=device_loop)
   per_call = step_fn.steps_per_program  # each call of the compiled program takes this many steps
   c0, t0 = time.process_time(), time.perf_counter()
   lowered = step_fn.lower(state, *args)
@@ -160,7 +166,7 @@ def run(config, steps: int = 20, repeats: int = 3, warmup: int = 2, pool: int = 
                   scan_blocks=config.model.scan_blocks, loss_scale=config.loss_scale.enabled,
                   num_seeds=config.num_seeds, steps_per_call=step_fn.per_call, steps_per_program=per_call,
                   device_loop=step_fn.device_loop,
-                  seed_batching=train_step.seed_batching(config, mesh) if config.num_seeds > 1 else None),
+                  seed_batching=seeds.seed_batching(config, mesh) if config.num_seeds > 1 else None),
       device=dict(platform=device.platform, kind=device.device_kind, count=num_devices,
                   cpu_devices=cpu_devices.describe() if device.platform == 'cpu' else None,
                   host=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
@@ -215,7 +221,7 @@ def define_flags():
                     'report the times.')
   flags.DEFINE_integer('num_devices', 0, 'Use the first N devices (0: all).')
   flags.DEFINE_enum('device_loop', 'auto', ['auto', 'on', 'off'], 'Run the steps of a call in a loop on the device '
-                    '(auto: on accelerators, not on the CPU; train_step.TrainSteps).')
+                    '(auto: on accelerators, not on the CPU; xla_workarounds.StepCaller).')
 
 
 def main(config, workdir) -> None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import mesh as mesh_lib
+from resnet_jax.errors import ConfigError, DataError
 
 
 def batch_moments_fn(model):
@@ -55,7 +56,7 @@ def recalibrate(model, variables, batches):
     total = m if total is None else jax.tree_util.tree_map(np.add, total, m)
     count += k
   if total is None:
-    raise ValueError('BN recalibration saw no examples.')
+    raise DataError('BN recalibration saw no examples.')
   return _finish(variables, total, count)
 
 
@@ -77,6 +78,6 @@ def recalibrate_from_input(config, model, variables, inp, num_examples: int):
   """Recalibrates on `num_examples` training examples drawn through the input's training views (the paper's
   augmentation), in batches of config.batch_size (split over the hosts)."""
   if num_examples < config.batch_size:
-    raise ValueError(f'--recalibrate_bn={num_examples} is fewer than one batch of config.batch_size='
-                     f'{config.batch_size}.')
+    raise ConfigError(f'--recalibrate_bn={num_examples} is fewer than one batch of config.batch_size='
+                      f'{config.batch_size}.')
   return recalibrate(model, variables, inp.training_batches(num_examples // config.batch_size, config.batch_size))

@@ -26,15 +26,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnet_jax import distributed, train_step
-from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, NoUsableCheckpointError, WorkdirError
+from resnet_jax import distributed, models, train_step
+from resnet_jax.errors import (CheckpointNotFoundError, ConfigMismatchError, DamagedCheckpointError,
+                               NoUsableCheckpointError, WorkdirError)
 
 DIGEST_KEY = 'state_sha256'
 STATE_ITEM, DATA_ITEM = 'default', 'data_iter'  # orbax item names; 'default' is also a single-item checkpoint's
-
-
-class DamagedCheckpointError(RuntimeError):
-  """A checkpoint restored, but its content differs from what was saved."""
 
 
 def state_digest(tree) -> str:
@@ -267,7 +264,8 @@ def restore_from_workdir(config, workdir: str, mesh, step: int | None = None):
     ckpt.close()
     raise CheckpointNotFoundError(f'No checkpoint of step {step} under {directory}; it has steps {steps}.')
   step = max(steps) if step is None else step
-  model, template = train_step.create_model_and_state(config, mesh, abstract=True)
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  template = train_step.create_state(config, model, mesh, abstract=True)
   try:
     state = ckpt.restore(template, step)
   finally:

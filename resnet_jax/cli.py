@@ -6,8 +6,9 @@ one line for a mistake.
                                                      over today's defaults); an override changes only what it names,
                                                      typically where the data now lives (--config.data.data_dir=DIR)
 
-A mistake in the flags, the config, the data or the workdir (errors.USER_ERRORS) ends the command with one
-`error: ...` line and exit status 1, never a stack trace; anything else is a bug and keeps its stack trace.
+A mistake in the flags, the config, the data or the workdir (errors.USER_ERRORS, raised where the project detects
+it) ends the command with one `error: ...` line and exit status 1, never a stack trace; anything else, a ValueError
+from inside jax or orbax included, is a bug and keeps its stack trace.
 """
 import contextlib
 import difflib
@@ -68,7 +69,7 @@ def parse(argv, config_from_workdir: bool = True) -> list:
     try:
       if run_record.read_config(workdir) is not None:
         base = run_record.load_config(workdir)
-    except ValueError as e:  # a damaged record
+    except errors.DamagedRecordError as e:
       sys.exit(f'error: {e}')
   if base is not None:
     config_flags.DEFINE_config_dict('config', base, f'The run\'s config ({workdir}/config.json).', lock_config=True,
@@ -84,6 +85,12 @@ def parse(argv, config_from_workdir: bool = True) -> list:
     sys.exit(_config_file_message((config_file or '').split(':')[0]))
   except (AttributeError, KeyError) as e:
     sys.exit(_unknown_field_message(argv, e, base, (config_file or '').split(':')[0]))
+
+
+def config_name() -> str | None:
+  """The name of the config file given with --config, without directory and .py (None without one)."""
+  path = getattr(FLAGS['config'], 'config_filename', None)
+  return os.path.splitext(os.path.basename(path.split(':')[0]))[0] if path else None
 
 
 def config():

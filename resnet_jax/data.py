@@ -14,9 +14,8 @@ import os
 import numpy as np
 
 from resnet_jax import data_sources
-from resnet_jax.errors import DatasetNotFoundError
+from resnet_jax.errors import ConfigError, CorruptImageError, DataError, DatasetNotFoundError
 
-SOURCES = ('tfds', 'folder', 'embedded')
 EMBEDDED_TEST_EXAMPLES = 297  # digits: 1,500 training and 297 test images
 
 @dataclasses.dataclass
@@ -43,13 +42,13 @@ def load(data_config) -> Dataset:
     ds = load_folder(data_config.data_dir, data_config.image_size)
   elif source == 'embedded':
     if data_config.dataset != 'digits':
-      raise ValueError(f'Unknown embedded dataset {data_config.dataset!r}; valid choices: digits.')
+      raise ConfigError(f'Unknown embedded dataset {data_config.dataset!r}; valid choices: digits.')
     ds = load_digits(data_config.image_size)
   else:
-    raise ValueError(f'Unknown data source {source!r}; valid choices: {", ".join(SOURCES)}.')
+    raise ConfigError(f'Unknown data source {source!r}; valid choices: tfds, folder, embedded.')
   if ds.train_images.shape[1:3] != (data_config.image_size,) * 2:
-    raise ValueError(f'Images are {ds.train_images.shape[1]}x{ds.train_images.shape[2]} but '
-                     f'config.data.image_size={data_config.image_size}.')
+    raise DataError(f'Images are {ds.train_images.shape[1]}x{ds.train_images.shape[2]} but '
+                    f'config.data.image_size={data_config.image_size}.')
   return split_validation(ds, data_config.val_examples)
 
 
@@ -59,7 +58,7 @@ def split_validation(ds: Dataset, val_examples: int) -> Dataset:
     return ds
   n = len(ds.train_labels)
   if not 0 < val_examples < n:
-    raise ValueError(f'config.data.val_examples={val_examples} must be between 0 and the {n} training examples.')
+    raise ConfigError(f'config.data.val_examples={val_examples} must be between 0 and the {n} training examples.')
   order = np.random.default_rng(0).permutation(n)
   val, train = np.sort(order[:val_examples]), np.sort(order[val_examples:])
   return dataclasses.replace(ds, train_images=ds.train_images[train], train_labels=ds.train_labels[train],
@@ -75,7 +74,7 @@ def load_digits(image_size: int = 32) -> Dataset:
                                "(or pip install -e '.[embedded]').") from e
   digits = sk_digits()
   if image_size % 8:
-    raise ValueError(f'The digits are 8x8; config.data.image_size={image_size} must be a multiple of 8.')
+    raise ConfigError(f'The digits are 8x8; config.data.image_size={image_size} must be a multiple of 8.')
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)
   r = image_size // 8
   images = np.repeat(np.repeat(images, r, axis=1), r, axis=2)
@@ -97,7 +96,7 @@ def _decode(paths, image_size: int) -> np.ndarray:
           im = im.resize((image_size, image_size), Image.BILINEAR)
         images[i] = np.asarray(im)
     except (OSError, ValueError) as e:
-      raise ValueError(f'Cannot read image {path}: {e}') from e
+      raise CorruptImageError(f'Cannot read image {path}: {e}') from e
   return images
 
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from resnet_jax.errors import DatasetNotFoundError
+from resnet_jax.errors import DataError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 STREAMED_SOURCES = ('tfds', 'folder')
@@ -39,8 +39,8 @@ def list_split(root: str, split: str):
     raise DatasetNotFoundError(f'No {d}. ' + folder_help(root))
   extra = sorted(set(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c))) - set(classes))
   if extra:
-    raise ValueError(f'{d} has classes that {train_dir} lacks: {extra}. The classes are the folder names of '
-                     f'{train_dir}; add those folders there, or remove them from {d}.')
+    raise DataError(f'{d} has classes that {train_dir} lacks: {extra}. The classes are the folder names of '
+                    f'{train_dir}; add those folders there, or remove them from {d}.')
   paths, labels, empty = [], [], []
   for label, c in enumerate(classes):
     cdir = os.path.join(d, c)
@@ -53,9 +53,9 @@ def list_split(root: str, split: str):
     raise DatasetNotFoundError(f'No images (*{", *".join(IMAGE_EXTENSIONS)}) under {d}/<class>/. '
                                + folder_help(root))
   if split == 'train' and empty:
-    raise ValueError(f'{len(empty)} class folder(s) of {d} hold no images (*{", *".join(IMAGE_EXTENSIONS)}): '
-                     f'{empty[:5]}{" ..." if len(empty) > 5 else ""}. Every class needs training images: add them, '
-                     'or remove the empty folders (the classes are the folder names, so that renumbers the labels).')
+    raise DataError(f'{len(empty)} class folder(s) of {d} hold no images (*{", *".join(IMAGE_EXTENSIONS)}): '
+                    f'{empty[:5]}{" ..." if len(empty) > 5 else ""}. Every class needs training images: add them, '
+                    'or remove the empty folders (the classes are the folder names, so that renumbers the labels).')
   return paths, np.asarray(labels, np.int32), classes
 
 

@@ -16,6 +16,7 @@ import os
 import sys
 
 import jax
+from resnet_jax.errors import ConfigError
 
 MODES = ('auto', 'on', 'off')
 
@@ -58,15 +59,15 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None, num_p
   naming the lost process instead of waiting forever in a collective.
   """
   if mode not in MODES:
-    raise ValueError(f'Unknown --distributed={mode!r}; valid choices: {", ".join(MODES)}.')
+    raise ConfigError(f'Unknown --distributed={mode!r}; valid choices: {", ".join(MODES)}.')
   if mode == 'off' or jax.distributed.is_initialized():
     return False
   if (coordinator_address is None) != (process_id is None) or (coordinator_address and not num_processes):
-    raise ValueError('Give --coordinator_address, --num_processes and --process_id together (e.g. '
-                     '--coordinator_address=10.0.0.1:12345 --num_processes=2 --process_id=0 on the first host), '
-                     'or none of them to let jax detect the cluster (TPU VM, SLURM, Open MPI).')
+    raise ConfigError('Give --coordinator_address, --num_processes and --process_id together (e.g. '
+                      '--coordinator_address=10.0.0.1:12345 --num_processes=2 --process_id=0 on the first host), '
+                      'or none of them to let jax detect the cluster (TPU VM, SLURM, Open MPI).')
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f'--process_id={process_id} must be between 0 and --num_processes-1={num_processes - 1}.')
+    raise ConfigError(f'--process_id={process_id} must be between 0 and --num_processes-1={num_processes - 1}.')
   if mode == 'auto' and detect(coordinator_address, num_processes) is None:
     return False
   try:
@@ -74,7 +75,7 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None, num_p
                                process_id=process_id, initialization_timeout=initialization_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout)
   except (RuntimeError, ValueError) as e:  # jax's own error, with what we know about the setup
-    raise ValueError(
+    raise ConfigError(
         f'Could not start the distributed runtime (coordinator {coordinator_address or "auto-detected"}, '
         f'{num_processes or "auto-detected"} processes, this one {process_id if process_id is not None else "?"}) '
         f'within {initialization_timeout} s: {e}\nStart every process with the same --coordinator_address '

@@ -30,6 +30,7 @@ from absl import flags
 
 from resnet_jax import checkpoint, cli, cpu_devices, input_pipeline, mesh as mesh_lib, run_record, validation
 from resnet_jax.image_ops import PROTOCOLS
+from resnet_jax.errors import ConfigError, DataError
 
 
 def _sums(log_probs, labels, mask):
@@ -114,7 +115,7 @@ def sum_batches(fn, variables, batches, per_example: bool = True) -> dict:
     sums = jitted(variables, jax.device_put(b, batch_sharding))
     total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
   if total is None:
-    raise ValueError('There is nothing to evaluate: the split has no examples.')
+    raise DataError('There is nothing to evaluate: the split has no examples.')
   total = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), jax.device_get(total))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -143,7 +144,7 @@ def evaluate(model, variables, batches, protocol: str = 'center', window: int = 
   sums of errors and a count, every example once. `window` is the final feature map of a training crop, used by
   the multi-scale protocol only."""
   if protocol not in PROTOCOLS:
-    raise ValueError(f'Unknown test protocol {protocol!r}; valid choices: {", ".join(PROTOCOLS)}.')
+    raise ConfigError(f'Unknown test protocol {protocol!r}; valid choices: {", ".join(PROTOCOLS)}.')
   total = sum_batches(_protocol_fn(model, protocol, window), variables, batches,
                       per_example=protocol != 'multiscale')
   n = float(total['count'])
@@ -166,9 +167,9 @@ def run(config, workdir: str, protocol: str, step: int | None = None, recalibrat
   (the validation hold-out where there is none), with the BN statistics recalibrated over `recalibrate_bn` training
   examples when it is positive; writes WORKDIR/eval_<protocol>_step<N>[_bn<M>].json."""
   if config.num_seeds > 1:
-    raise ValueError(f'config.num_seeds={config.num_seeds}: the checkpoint holds {config.num_seeds} seeds in one '
-                     'state; this command evaluates a run of one seed. The training run\'s own evaluations of each '
-                     'seed are in WORKDIR/seed<s>/metrics.jsonl.')
+    raise ConfigError(f'config.num_seeds={config.num_seeds}: the checkpoint holds {config.num_seeds} seeds in one '
+                      'state; this command evaluates a run of one seed. The training run\'s own evaluations of each '
+                      'seed are in WORKDIR/seed<s>/metrics.jsonl.')
   cpu_devices.configure(config)
   mesh = mesh_lib.make_mesh(None, config.mesh)
   validation.validate(config, mesh.devices.size)
@@ -186,7 +187,7 @@ def _run_held(config, workdir: str, protocol: str, mesh, step, recalibrate_bn: i
   splits = inp.eval_splits()
   split = 'test' if 'test' in splits else (splits[0] if splits else None)
   if split is None:
-    raise ValueError(f'The dataset {config.data.dataset} has no held-out split to evaluate on.')
+    raise DataError(f'The dataset {config.data.dataset} has no held-out split to evaluate on.')
   batches = inp.eval_batches(split, protocol, protocol_batch_size(config, protocol, jax.local_device_count()),
                              limit=limit)
   result = evaluate(model, variables, batches, protocol, window=max(1, config.data.image_size // 32))
@@ -211,8 +212,8 @@ def define_flags():
 
 def main(config, workdir: str) -> None:
   if not workdir:
-    raise ValueError('--workdir is required: the training run\'s directory, e.g. --workdir=runs/imagenet_50 '
-                     '--protocol=10crop.')
+    raise ConfigError('--workdir is required: the training run\'s directory, e.g. --workdir=runs/imagenet_50 '
+                      '--protocol=10crop.')
   f = flags.FLAGS
   run(config, workdir, f.protocol, f.step, f.recalibrate_bn, f.limit)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import augment, data, mesh as mesh_lib
+from resnet_jax.errors import DataError
 
 
 class Input(Protocol):
@@ -72,11 +73,11 @@ def create(config, mesh, workdir: str | None = None) -> Input:
   """The input `config.data` describes, checked against the config (classes, batch) before anything is written."""
   inp = StreamedInput(config, mesh, workdir) if config.data.streaming else InMemoryInput(config, mesh)
   if inp.num_classes != config.model.num_classes:
-    raise ValueError(f'The dataset has {inp.num_classes} classes but config.model.num_classes='
-                     f'{config.model.num_classes}.')
+    raise DataError(f'The dataset has {inp.num_classes} classes but config.model.num_classes='
+                    f'{config.model.num_classes}.')
   if inp.num_train_examples < config.batch_size:
-    raise ValueError(f'The training split has {inp.num_train_examples} examples, fewer than config.batch_size='
-                     f'{config.batch_size}.')
+    raise DataError(f'The training split has {inp.num_train_examples} examples, fewer than config.batch_size='
+                    f'{config.batch_size}.')
   return inp
 
 
@@ -98,8 +99,8 @@ def check_same_data(saved: dict | None, current: dict) -> None:
   if saved.get('fingerprint', current.get('fingerprint')) != current.get('fingerprint'):
     diffs.append('training images or labels with another SHA-256 (same count and classes, other content)')
   if diffs:
-    raise ValueError('The checkpoint was trained on other data: ' + '; '.join(diffs) + '. Point config.data at the '
-                     'dataset the run was trained on (it may live in another directory), or use another --workdir.')
+    raise DataError('The checkpoint was trained on other data: ' + '; '.join(diffs) + '. Point config.data at the '
+                    'dataset the run was trained on (it may live in another directory), or use another --workdir.')
 
 
 def batch_indices(config, num_examples: int, step, seed):

@@ -1,22 +1,27 @@
 """Train and evaluate one experiment:
 
-  python -m resnet_jax.main --config=configs/cifar_110.py --workdir=runs/cifar_110 [--config.FIELD=VALUE ...]
+  python -m resnet_jax.main --config=configs/cifar_110.py [--workdir=runs/cifar_110] [--config.FIELD=VALUE ...]
+      # --workdir defaults to runs/<config file name>
+
+  python -m resnet_jax.main --config=configs/cifar_20.py --config.num_steps=4000
+      # a shortened run: the learning-rate drops follow num_steps (at 50% and 75% of the run)
 
   python -m resnet_jax.main --config=configs/cifar_110.py --workdir=runs/cifar_110_s0-4 --config.num_seeds=5
       # seeds 0..4 in one program, each seed's metrics in WORKDIR/seed<s>/
 
 Resumes from WORKDIR/checkpoints when a checkpoint is there; `--workdir` alone resumes the run recorded there (its
-config.json). The logic lives in train_loop.train_and_evaluate.
+config.json). The logic lives in train.train_and_evaluate.
 Exit status: 0 when done or stopped by SIGTERM (checkpoint written), 130 when stopped by SIGINT (checkpoint written),
 1 with one `error: ...` line for a mistake in the flags, the config, the data or the workdir.
 """
+import os
 import signal
 import sys
 
 import jax
 from absl import flags
 
-from resnet_jax import cli, distributed, train_loop
+from resnet_jax import cli, distributed, train
 
 FLAGS = flags.FLAGS
 
@@ -38,13 +43,14 @@ def define_flags():
 
 def main(config, workdir: str) -> None:
   if not workdir:
-    sys.exit('error: --workdir is required, e.g. --config=configs/cifar_20.py --workdir=runs/cifar_20')
+    workdir = os.path.join('runs', cli.config_name())
+    print(f'Writing to {workdir} (--workdir=DIR to choose another).', flush=True)
   if distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                             initialization_timeout=FLAGS.initialization_timeout,
                             heartbeat_timeout=FLAGS.heartbeat_timeout):
     print(f'jax.distributed: {distributed.describe()}.', flush=True)
   try:
-    last = train_loop.train_and_evaluate(config, workdir, force_resume=FLAGS.force_resume)
+    last = train.train_and_evaluate(config, workdir, force_resume=FLAGS.force_resume)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
@@ -57,5 +63,5 @@ def main(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  cli.run(main, define_flags, workdir_help='Directory for metrics, checkpoints and plots; without --config, the run '
-          'recorded there is resumed.')
+  cli.run(main, define_flags, workdir_help='Directory for metrics, checkpoints and plots (default: runs/<config file '
+          'name>); without --config, the run recorded there is resumed.')

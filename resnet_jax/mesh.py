@@ -7,6 +7,7 @@ name more axes (e.g. ('replica', 'data') on two slices or hosts, so the compiler
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from resnet_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
 
@@ -20,12 +21,12 @@ def make_mesh(devices=None, mesh_config=None) -> Mesh:
     axes, shape = tuple(mesh_config.axes), tuple(int(d) for d in mesh_config.shape)
   if len(axes) != len(shape) or len(set(axes)) != len(axes) or shape.count(-1) > 1 or \
       any(d == 0 or d < -1 for d in shape):
-    raise ValueError(f'config.mesh: axes={axes} and shape={shape} need one distinct name per dimension and sizes '
-                     '>= 1, with at most one -1 (the remaining devices); e.g. axes=("data",), shape=(-1,).')
+    raise ConfigError(f'config.mesh: axes={axes} and shape={shape} need one distinct name per dimension and sizes '
+                      '>= 1, with at most one -1 (the remaining devices); e.g. axes=("data",), shape=(-1,).')
   known = int(np.prod([d for d in shape if d != -1]))
   if devices.size % known or (-1 not in shape and known != devices.size):
-    raise ValueError(f'config.mesh.shape={shape} does not fit the {devices.size} devices: the sizes must multiply '
-                     f'to {devices.size} (use -1 for one axis to take the rest).')
+    raise ConfigError(f'config.mesh.shape={shape} does not fit the {devices.size} devices: the sizes must multiply '
+                      f'to {devices.size} (use -1 for one axis to take the rest).')
   return Mesh(devices.reshape(tuple(devices.size // known if d == -1 else d for d in shape)), axes)
 
 

@@ -3,7 +3,7 @@ import json
 import os
 import time
 
-from resnet_jax.errors import writing
+from resnet_jax.errors import DamagedRecordError, writing
 
 
 class MetricsWriter:
@@ -60,8 +60,8 @@ def read_metrics(path: str) -> list[dict]:
     except ValueError as e:
       if i == len(lines) - 1:  # the last line, cut short by a kill
         break
-      raise ValueError(f'{path} line {n} is not a metrics row ({e}): the file is damaged. Restore it, or delete '
-                       'that line (its step is then missing from the record), and run again.') from None
+      raise DamagedRecordError(f'{path} line {n} is not a metrics row ({e}): the file is damaged. Restore it, or '
+                               'delete that line (its step is then missing from the record), and run again.') from None
     rows.append(row)
   return rows
 

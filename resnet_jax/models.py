@@ -26,9 +26,7 @@ from resnet_jax.xla_workarounds import relu, scanned_blocks
 
 ModuleDef = Any
 
-SHORTCUTS = ('A', 'B', 'C')
-BOTTLENECK_PLACEMENTS = ('v1', 'v1.5')
-FAMILIES = ('cifar', 'imagenet')
+# The valid values of each model option are in config_base.OPTIONS; these map a name to what it builds.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Blocks per stage (Table 1) and whether the blocks are bottlenecks.

@@ -1,7 +1,8 @@
 """The run record: what a workdir says about the run it belongs to, and who holds it.
 
   WORKDIR/config.json   the run's resolved config. Written when a run starts; a later run in the same workdir must
-                        agree on the model, the data and the recipe (`RESUME_CHECKED`) unless forced; read back by
+                        agree on the model, the data and the recipe (each option's resume rule in
+                        config_base.OPTIONS) unless forced; read back by
                         the tools (evaluate, fig7, report) over today's defaults, so a field added since the run
                         reads as its default.
   WORKDIR/data.json     what the run trains and is evaluated on: the examples of each split and the class names.
@@ -25,19 +26,9 @@ import tempfile
 from ml_collections import ConfigDict
 
 from resnet_jax import config_base
-from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, WorkdirError, writing
+from resnet_jax.errors import CheckpointNotFoundError, ConfigMismatchError, DamagedRecordError, WorkdirError, writing
 
 CONFIG_FILE, DATA_FILE, LOCK_FILE = 'config.json', 'data.json', 'run.lock'
-# Fields (and sections) that change the model, the data or the recipe: a workdir's run is only resumed under the same
-# values, unless forced.
-RESUME_CHECKED = ('model', 'data', 'num_steps', 'batch_size', 'learning_rate', 'lr_boundaries', 'lr_decay_factor',
-                  'momentum', 'momentum_form', 'weight_decay', 'weight_decay_on', 'warmup', 'bn_group_size', 'seed',
-                  'num_seeds')
-# Where and how the data is read, not what it is: moving the dataset or changing the number of decoding workers does
-# not block a resume.
-RESUME_IGNORED = ('data.data_dir', 'data.workers', 'data.read_threads', 'data.prefetch_to_device')
-
-
 _held = {}  # real path of a workdir this process holds -> [lock file descriptor, nesting depth]
 
 
@@ -46,7 +37,7 @@ def hold(workdir: str):
   """Holds `workdir` for this process while the block runs (see the module doc), creating it if needed. Nested
   holds of the same workdir in one process (a sweep around the trainer) share the lock. Raises WorkdirError, with
   the holder and what to do, when another process holds it. A workdir this call created is removed again if the
-  block fails before anything but the lock was written there."""
+  block fails before anything but the lock was written there (with the parents this call created)."""
   key = os.path.realpath(workdir)
   if key in _held:
     _held[key][1] += 1
@@ -55,7 +46,10 @@ def hold(workdir: str):
     finally:
       _held[key][1] -= 1
     return
-  created = not os.path.exists(workdir)
+  created = None  # the outermost directory this call creates (the workdir, or a parent such as runs/)
+  d = os.path.abspath(workdir)
+  while not os.path.exists(d):
+    created, d = d, os.path.dirname(d)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,7 +75,12 @@ def hold(workdir: str):
   except BaseException:
     if created and os.listdir(workdir) == [LOCK_FILE]:  # nothing of the run was written: leave no workdir behind
       os.remove(path)
-      os.rmdir(workdir)
+      d = os.path.abspath(workdir)
+      while True:
+        os.rmdir(d)
+        if d == created:
+          break
+        d = os.path.dirname(d)
     raise
   finally:
     del _held[key]
@@ -118,10 +117,10 @@ def read_config(workdir: str) -> dict | None:
     with open(path) as f:
       saved = json.load(f)
   except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); it records the config of the run in this workdir. Restore it '
-                     '(an earlier copy may be config.json.1), or use another --workdir.') from e
+    raise DamagedRecordError(f'{path} is not valid JSON ({e}); it records the config of the run in this workdir. '
+                             'Restore it (an earlier copy may be config.json.1), or use another --workdir.') from e
   if not isinstance(saved, dict):
-    raise ValueError(f'{path} does not hold a config (a JSON object); restore it, or use another --workdir.')
+    raise DamagedRecordError(f'{path} does not hold a config (a JSON object); restore it, or use another --workdir.')
   return saved
 
 
@@ -161,13 +160,18 @@ def _flatten(d, prefix=''):
 
 
 def _resume_fields(config: ConfigDict) -> dict:
-  return {k: v for k, v in _flatten(config_to_dict(config)).items()
-          if k.split('.')[0] in RESUME_CHECKED and k not in RESUME_IGNORED}
+  """The values a resumed run must keep: every field whose option's resume rule is SAME (a field the options do not
+  know is kept too), and the learning-rate schedule the SCHEDULE fields give, as steps."""
+  rule = lambda k: config_base.OPTIONS[k].resume if k in config_base.OPTIONS else config_base.SAME
+  fields = {k: v for k, v in _flatten(config_to_dict(config)).items() if rule(k) == config_base.SAME}
+  fields['lr drops at steps'] = list(config_base.schedule_boundaries(config))
+  return fields
 
 
 def check_resume(workdir: str, config: ConfigDict) -> None:
-  """Raises ConfigMismatchError naming every model, data or recipe field (RESUME_CHECKED) in which `config` differs
-  from the run recorded in `workdir`, with both values. Nothing to check in a workdir without a record."""
+  """Raises ConfigMismatchError naming every model, data or recipe field (config_base.OPTIONS, resume rule SAME) in
+  which `config` differs from the run recorded in `workdir`, with both values. Nothing to check in a workdir without
+  a record."""
   saved = read_config(workdir)
   if saved is None:
     return

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from resnet_jax import image_ops
-from resnet_jax.errors import DatasetNotFoundError
+from resnet_jax.errors import ConfigError, DatasetNotFoundError
 
 POSITION_KEY = 'global_next_index'  # grain's ElasticIterator state: the next position of the global stream
 
@@ -82,7 +82,7 @@ def train_stream(config, source):
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
-    raise ValueError(f'The batch of {global_batch} is not divisible by the {process_count} hosts.')
+    raise ConfigError(f'The batch of {global_batch} is not divisible by the {process_count} hosts.')
   return global_batch // process_count
 
 
@@ -128,7 +128,7 @@ def eval_batches(config, source, mean, protocol: str, batch_size: int, limit: in
   'images_<size>' entry per scale."""
   grain = _grain()
   if protocol not in image_ops.PROTOCOLS:
-    raise ValueError(f'Unknown test protocol {protocol!r}; valid choices: {", ".join(image_ops.PROTOCOLS)}.')
+    raise ConfigError(f'Unknown test protocol {protocol!r}; valid choices: {", ".join(image_ops.PROTOCOLS)}.')
   d = config.data
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count

@@ -36,6 +36,7 @@ import numpy as np
 from absl import flags
 
 from resnet_jax import cli, models, run_record, validation
+from resnet_jax.errors import ConfigError, MissingFileError
 
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # torchvision's ImageNet input normalisation
 TORCHVISION_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -154,7 +155,7 @@ def fold_input_normalization(params, std=TORCHVISION_STD * 255.0):
 def load_state_dict(path: str) -> dict:
   """name -> numpy array from a .pth/.pt (torch), .npz or .safetensors file."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'No weights file {path!r}.')
+    raise MissingFileError(f'No weights file {path!r}.')
   ext = os.path.splitext(path)[1].lower()
   if ext in ('.pth', '.pt'):
     try:
@@ -175,7 +176,7 @@ def load_state_dict(path: str) -> dict:
     except ImportError as e:
       raise ImportError(f'Reading {path} needs safetensors (pip install safetensors).') from e
     return load_file(path)
-  raise ValueError(f'Unknown weights format {ext!r} of {path}; valid: .pth, .pt, .npz, .safetensors.')
+  raise ConfigError(f'Unknown weights format {ext!r} of {path}; valid: .pth, .pt, .npz, .safetensors.')
 
 
 def write_checkpoint(config, params, batch_stats, workdir: str) -> None:
@@ -204,13 +205,13 @@ def define_flags():
 def main(config, workdir: str) -> None:
   weights = flags.FLAGS.weights
   if not (weights and workdir):
-    raise ValueError('--weights, --config and --workdir are required (python -m resnet_jax.torchvision_weights '
-                     '--helpshort).')
+    raise ConfigError('--weights, --config and --workdir are required (python -m resnet_jax.torchvision_weights '
+                      '--helpshort).')
   try:
     params, batch_stats = convert(load_state_dict(weights), config.model)
     write_checkpoint(config, fold_input_normalization(params), batch_stats, workdir)
   except (ImportError, OSError) as e:
-    raise ValueError(str(e)) from e
+    raise ConfigError(str(e)) from e
   print(f'Wrote {workdir}/checkpoints (step 0), config.json and pixel_mean.npy. Evaluate with:\n  python -m '
         f'resnet_jax.evaluate --workdir={workdir} --protocol=center [--config.data.data_dir=DATA_DIR]')
 

@@ -1,25 +1,26 @@
 """Is a config a run we can do? One entry point, `validate(config, num_devices)`, called once per run before anything
 is read or written: the model, the data options, the recipe, the batch against the devices and the BN groups. Each
-mistake is a ValueError that says what to change (and lists the valid choices). `devices_fit` is the device rule
+mistake is a ConfigError that says what to change; a value outside an option's choices (config_base.OPTIONS) is
+refused with the valid ones. `devices_fit` is the device rule
 alone, for choosing a CPU device count; `check_memory` compares a compiled step with the devices' memory.
 
 What depends on the data itself (the number of classes and of examples, a checkpoint's data) is checked where the
 data is read (input_pipeline.create, input_pipeline.check_same_data).
 """
-from resnet_jax import data, data_sources, models, train_step
+from resnet_jax import config_base, data_sources, models
+from resnet_jax.errors import ConfigError
 
-MEAN_TYPES = ('per_pixel', 'per_channel', 'none')
-WEIGHT_DECAY_ON = ('all', 'kernels')
 POSITIVE = ('batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
             'eval_batch_size', 'keep_checkpoints', 'steps_per_call')
 
 
-def _choices_error(what: str, value, valid) -> ValueError:
-  return ValueError(f'Unknown {what} {value!r}; valid choices: {", ".join(map(str, valid))}.')
+def _choices_error(what: str, value, valid) -> ConfigError:
+  return ConfigError(f'Unknown {what} {value!r}; valid choices: {", ".join(map(str, valid))}.')
 
 
 def validate(config, num_devices: int) -> None:
-  """Raises ValueError with what to change when `config` cannot run on `num_devices` devices."""
+  """Raises ConfigError with what to change when `config` cannot run on `num_devices` devices."""
+  check_choices(config)
   validate_model(config.model)
   _check_data(config)
   _check_recipe(config)
@@ -30,26 +31,28 @@ def validate_model(model_config) -> None:
   """The network `config.model` names: an unknown family, depth, shortcut, bottleneck, dtype or fc initialiser is
   refused with the valid choices. (The whole run is `validate`; this part alone serves the tools that build only a
   network: summary, torchvision_weights.)"""
+  check_choices(model_config, 'model')
   family, depth = model_config.family, model_config.depth
-  if family not in models.FAMILIES:
-    raise _choices_error('model family', family, models.FAMILIES)
   if family == 'cifar':
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-      raise ValueError(f'Unknown CIFAR depth {depth!r}: CIFAR nets have depth 6n+2 for n >= 1 '
-                       '(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202).')
+      raise ConfigError(f'Unknown CIFAR depth {depth!r}: CIFAR nets have depth 6n+2 for n >= 1 '
+                        '(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202).')
   elif depth not in models.IMAGENET_STAGES:
     raise _choices_error('ImageNet depth', depth, sorted(models.IMAGENET_STAGES))
-  _check_choices(('shortcut option', model_config.shortcut, models.SHORTCUTS),
-                 ('bottleneck stride placement', model_config.bottleneck, models.BOTTLENECK_PLACEMENTS),
-                 ('dtype', model_config.dtype, models.DTYPES),
-                 ('head_init', model_config.head_init, models.HEAD_INITS))
 
 
-def _check_choices(*fields) -> None:
-  """(what, value, valid choices) for each field: the first value that is not a valid choice is refused."""
-  for what, value, valid in fields:
-    if value not in valid:
-      raise _choices_error(what, value, valid)
+def check_choices(config, section: str = '') -> None:
+  """Refuses the first field of `config` (the whole config, or the `section` it is) whose value is not one of its
+  option's choices (config_base.OPTIONS), naming the field and listing the choices."""
+  prefix = f'{section}.' if section else ''
+  for name, option in config_base.OPTIONS.items():
+    if option.choices is None or not name.startswith(prefix):
+      continue
+    node = config
+    for part in name[len(prefix):].split('.'):
+      node = node[part]
+    if node not in option.choices:
+      raise _choices_error(f'config.{name}', node, option.choices)
 
 
 def _check_data(config) -> None:
@@ -59,80 +62,80 @@ def _check_data(config) -> None:
       raise _choices_error('streaming data source', d.source, data_sources.STREAMED_SOURCES)
     lo, hi = d.scale_range
     if not 0 < lo <= hi or lo < d.image_size:
-      raise ValueError(f'config.data.scale_range={tuple(d.scale_range)} must satisfy image_size ({d.image_size}) '
-                       '<= min <= max.')
+      raise ConfigError(f'config.data.scale_range={tuple(d.scale_range)} must satisfy image_size ({d.image_size}) '
+                        '<= min <= max.')
     if d.eval_resize < d.image_size:
-      raise ValueError(f'config.data.eval_resize={d.eval_resize} is smaller than the crop image_size={d.image_size}.')
+      raise ConfigError(f'config.data.eval_resize={d.eval_resize} is smaller than the crop image_size={d.image_size}.')
     if d.workers < 0 or d.read_threads < 0:
-      raise ValueError(f'config.data.workers={d.workers} and config.data.read_threads={d.read_threads} must be >= 0.')
-    if d.mean not in MEAN_TYPES:
-      raise _choices_error('config.data.mean', d.mean, MEAN_TYPES)
+      raise ConfigError(f'config.data.workers={d.workers} and config.data.read_threads={d.read_threads} must be >= 0.')
     if config.num_seeds > 1:
-      raise ValueError(f'config.num_seeds={config.num_seeds} needs an in-memory dataset: the streamed input draws '
-                       'one data order for the whole run, not one per seed. Train each seed in its own run.')
+      raise ConfigError(f'config.num_seeds={config.num_seeds} needs an in-memory dataset: the streamed input draws '
+                        'one data order for the whole run, not one per seed. Train each seed in its own run.')
     if config.steps_per_call > 1:
-      raise ValueError(f'config.steps_per_call={config.steps_per_call} needs an in-memory dataset: the streamed '
-                       'input feeds a new batch every step. Use 1.')
+      raise ConfigError(f'config.steps_per_call={config.steps_per_call} needs an in-memory dataset: the streamed '
+                        'input feeds a new batch every step. Use 1.')
   else:
-    if d.source not in data.SOURCES:
-      raise _choices_error('data source', d.source, data.SOURCES)
     if d.source == 'embedded' and d.dataset != 'digits':
       raise _choices_error('embedded dataset', d.dataset, ('digits',))
     if d.source == 'embedded' and d.image_size % 8:
-      raise ValueError(f'The digits are 8x8; config.data.image_size={d.image_size} must be a multiple of 8.')
+      raise ConfigError(f'The digits are 8x8; config.data.image_size={d.image_size} must be a multiple of 8.')
   if d.val_examples < 0:
-    raise ValueError(f'config.data.val_examples={d.val_examples} must be >= 0 (0: no validation hold-out).')
+    raise ConfigError(f'config.data.val_examples={d.val_examples} must be >= 0 (0: no validation hold-out).')
 
 
 def _check_recipe(config) -> None:
   for name in POSITIVE:
     if config[name] <= 0:
-      raise ValueError(f'config.{name}={config[name]} must be positive.')
+      raise ConfigError(f'config.{name}={config[name]} must be positive.')
   if config.learning_rate <= 0:
-    raise ValueError(f'config.learning_rate={config.learning_rate} must be positive.')
-  boundaries = tuple(config.lr_boundaries)
-  if list(boundaries) != sorted(set(boundaries)) or any(b <= 0 or b > config.num_steps for b in boundaries):
-    n = config.num_steps
-    raise ValueError(f'config.lr_boundaries={boundaries} must be strictly increasing steps in 1..config.num_steps={n} '
-                     f'(the iterations at which the learning rate is divided). Give them with the steps, e.g. '
-                     f"--config.lr_boundaries='({max(1, n // 2)}, {max(1, 3 * n // 4)})' for drops at 50% and 75% "
-                     "(the CIFAR recipe's), or '()' for a constant rate; `python -m experiments.table6 --steps N` "
-                     'scales them for you.')
-  _check_choices(('config.weight_decay_on', config.weight_decay_on, WEIGHT_DECAY_ON),
-                 ('config.momentum_form', config.momentum_form, train_step.MOMENTUM_FORMS),
-                 ('config.matmul_precision', config.matmul_precision, train_step.MATMUL_PRECISIONS),
-                 ('config.nonfinite_loss', config.nonfinite_loss, train_step.NONFINITE_POLICIES),
-                 ('config.seed_batching', config.seed_batching, train_step.SEED_BATCHING))
+    raise ConfigError(f'config.learning_rate={config.learning_rate} must be positive.')
+  _check_schedule(config)
   if config.num_seeds < 1:
-    raise ValueError(f'config.num_seeds={config.num_seeds} must be at least 1: the number of seeds trained together '
-                     f'(config.seed, config.seed + 1, ...).')
+    raise ConfigError(f'config.num_seeds={config.num_seeds} must be at least 1: the number of seeds trained together '
+                      f'(config.seed, config.seed + 1, ...).')
   ls = config.loss_scale
   if ls.enabled and config.model.dtype != 'float16':
-    raise ValueError(f'config.loss_scale.enabled applies to float16 compute only, but config.model.dtype='
-                     f'{config.model.dtype!r}; set --config.model.dtype=float16 or disable loss scaling.')
+    raise ConfigError(f'config.loss_scale.enabled applies to float16 compute only, but config.model.dtype='
+                      f'{config.model.dtype!r}; set --config.model.dtype=float16 or disable loss scaling.')
   if ls.enabled and (ls.initial <= 0 or ls.factor <= 1 or ls.growth_interval <= 0):
-    raise ValueError('config.loss_scale needs initial > 0, factor > 1 and growth_interval > 0.')
+    raise ConfigError('config.loss_scale needs initial > 0, factor > 1 and growth_interval > 0.')
+
+
+def _check_schedule(config) -> None:
+  """The learning-rate drops must fall inside the run. Drops given as fractions of num_steps always do; explicit
+  steps (config.lr_boundaries) must be increasing steps in 1..num_steps."""
+  fractions = tuple(config.lr_drop_fractions)
+  if any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(fractions):
+    raise ConfigError(f'config.lr_drop_fractions={fractions} must be increasing fractions of the run in (0, 1] '
+                      "(the paper's CIFAR drops: '(0.5, 0.75)', i.e. 32k and 48k of 64k).")
+  boundaries, n = tuple(config.lr_boundaries), config.num_steps
+  if boundaries and (list(boundaries) != sorted(set(boundaries)) or any(b <= 0 or b > n for b in boundaries)):
+    same = tuple(max(1, round(f * n)) for f in fractions)
+    raise ConfigError(f'config.lr_boundaries={boundaries} must be strictly increasing steps in 1..config.num_steps='
+                      f'{n} (the iterations at which the learning rate is divided). Leave it empty, '
+                      f"--config.lr_boundaries='()', and the drops follow num_steps at config.lr_drop_fractions="
+                      f'{fractions} (here at steps {", ".join(map(str, same)) or "none"}).')
 
 
 def _check_devices(config, num_devices: int) -> None:
   b, g = config.batch_size, config.bn_group_size
   if config.cpu_devices < 0:
-    raise ValueError(f'config.cpu_devices={config.cpu_devices} must be >= 0 (0: one per CPU core).')
+    raise ConfigError(f'config.cpu_devices={config.cpu_devices} must be >= 0 (0: one per CPU core).')
   if b % num_devices:
-    raise ValueError(f'config.batch_size={b} is not divisible by the {num_devices} devices; use a multiple of '
-                     f'{num_devices} (e.g. {num_devices * max(1, round(b / num_devices))}).')
+    raise ConfigError(f'config.batch_size={b} is not divisible by the {num_devices} devices; use a multiple of '
+                      f'{num_devices} (e.g. {num_devices * max(1, round(b / num_devices))}).')
   if config.eval_batch_size % num_devices:
-    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} '
-                     'devices.')
+    raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} '
+                      'devices.')
   if g < 0 or g > b:
-    raise ValueError(f'config.bn_group_size={g} must be between 0 (whole batch) and config.batch_size={b}.')
+    raise ConfigError(f'config.bn_group_size={g} must be between 0 (whole batch) and config.batch_size={b}.')
   if g and b % g:
     divisors = [d for d in range(2, b) if b % d == 0][-2:]
-    raise ValueError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
-                     f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
+    raise ConfigError(f'config.bn_group_size={g} does not divide config.batch_size={b}; use a divisor of it '
+                      f'(e.g. {" or ".join(map(str, divisors)) or b}) or 0 for the whole batch.')
   if not _groups_fit(b, g, num_devices):
-    raise ValueError(f'config.bn_group_size={g} neither divides nor is a multiple of the {b // num_devices} '
-                     f'examples per device ({b} over {num_devices} devices): a group would straddle devices unevenly.')
+    raise ConfigError(f'config.bn_group_size={g} neither divides nor is a multiple of the {b // num_devices} '
+                      f'examples per device ({b} over {num_devices} devices): a group would straddle devices unevenly.')
 
 
 def _groups_fit(batch: int, group: int, num_devices: int) -> bool:
@@ -190,7 +193,7 @@ def check_memory(config, compiled, devices) -> int | None:
   need = per_device * (len(devices) if cpu else 1)
   if need > have:
     gib = lambda b: f'{b / 2 ** 30:.2f} GiB'
-    raise ValueError(
+    raise ConfigError(
         f'The training step of config.num_seeds={config.num_seeds} seed(s) needs about {gib(need)} '
         f'({"on the host, over " + str(len(devices)) + " CPU devices" if cpu else "per device"}: XLA\'s estimate of '
         f'the state, the batch and the activations) but {gib(have)} is available. Lower config.num_seeds or '

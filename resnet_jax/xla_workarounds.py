@@ -4,18 +4,21 @@ models.py reads as the paper; what it computes here is the same function, writte
 Each piece says what it buys and on which backend. Tests in tests/test_models.py check that each one has the same
 values and gradients as the plain form, and keep the compiled property it exists for.
 
-  relu                           all backends: XLA stores each block output once (CPU: 2.5-5x faster backward on
-                                 deep nets; GPU: not measured; docs/performance.md).
+  relu                           all backends: XLA stores each block output once (a faster backward on deep nets;
+                                 measured in docs/performance.md).
   conv_with_explicit_gradients   XLA:CPU, inside a loop body only: gradient convolutions in the layout of its fast
-                                 kernels (a scanned ResNet-56 step on one core: 75.5 s -> 1.71 s).
+                                 kernels (docs/performance.md).
   scanned_blocks                 all backends, compile time: a stage's identical blocks as one `nn.scan`, so
                                  ResNet-1202 compiles in seconds instead of minutes (config.model.scan_blocks).
+  StepCaller                     GPUs and TPUs: config.steps_per_call > 1 steps in one device-side loop, so a fast
+                                 accelerator is not held up by Python dispatching each step.
 """
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 import flax.linen as nn
 
@@ -71,8 +74,8 @@ def conv_with_explicit_gradients(lhs, rhs, window_strides, padding, lhs_dilation
 
   Used inside the scanned blocks (`scan_blocks=True`). There, autodiff's own gradient convolutions keep layouts
   that XLA:CPU does not rewrite inside a loop body, and it ran them with its slow generic loop: a scanned ResNet-56
-  step took 75.5 s on one core instead of 1.71 s. The values are the same (`tests/test_models.py`); other convolutions (strided, dilated,
-  grouped) fall through to `lax.conv_general_dilated` unchanged.
+  step took many times longer (docs/performance.md). The values are the same (`tests/test_models.py`); other
+  convolutions (strided, dilated, grouped) fall through to `lax.conv_general_dilated` unchanged.
   """
   unit = lambda v: v is None or all(d == 1 for d in v)
   if (all(s == 1 for s in window_strides) and unit(lhs_dilation) and unit(rhs_dilation)
@@ -105,3 +108,52 @@ def scanned_blocks(block: ModuleDef, conv: ModuleDef, length: int, name: str):
                  split_rngs={'params': True}, length=length)
   body = functools.partial(block, conv=functools.partial(conv, conv_general_dilated=conv_with_explicit_gradients))
   return lambda x: scan(body, name=name)(x, None)[0]
+
+
+class StepCaller:
+  """The jitted step, called as `steps(state, n, *inputs) -> state` to take n steps (1 <= n <= steps_per_call).
+  The state is replicated and donated; the inputs are placed as `input_shardings` says.
+
+  How the n steps of a call run, with config.steps_per_call = N:
+    N = 1 (the default), on the CPU and for the streamed input (a new batch each step): one program of one step,
+      called n times. XLA:CPU runs convolution gradients inside a loop body in its slow generic loop
+      (docs/performance.md), and a CPU step is long enough that calling it from Python costs nothing.
+    N > 1 on GPUs and TPUs (`device_loop`), for an input whose step inputs are the same every step (the in-memory
+      sets: the batch is a function of the step number, which the state carries): in a `fori_loop` on the device.
+      A call of N steps is one program with the trip count fixed at compile time (the device runs it without the
+      host between steps); a shorter call (up to a log, evaluation or checkpoint point) one program with the count
+      as an argument. Both run the same loop body, and XLA compiles a loop body alike whatever its trip count, so
+      the run gives the same bits however it is cut into calls, and any N > 1 the same bits as any other. A lone
+      step outside a loop XLA compiles differently: N = 1 and N > 1 differ in float rounding, as runs on different
+      device counts do."""
+
+  def __init__(self, step, config, mesh, input_shardings, device_loop: bool | None = None):
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jit = lambda fn, *counts: jax.jit(fn, in_shardings=(replicated, *counts, *input_shardings),
+                                      out_shardings=replicated, donate_argnums=(0,))
+    self.per_call = config.steps_per_call
+    if device_loop is None:
+      device_loop = mesh.devices.flat[0].platform != 'cpu'
+    self.device_loop = bool(device_loop) and self.per_call > 1 and not config.data.streaming
+    if not self.device_loop:
+      self._full, self._any, self.steps_per_program = jit(step), None, 1
+      return
+    loop = lambda state, n, *inputs: jax.lax.fori_loop(0, n, lambda _, s: step(s, *inputs), state)
+    self._full = jit(lambda state, *inputs: loop(state, self.per_call, *inputs))
+    self._any = jit(loop, replicated)
+    self.steps_per_program = self.per_call
+
+  def __call__(self, state, n: int, *inputs):
+    """The state after n steps (1 <= n <= steps_per_call)."""
+    if not self.device_loop:
+      for _ in range(n):
+        state = self._full(state, *inputs)
+      return state
+    if n == self.per_call:
+      return self._full(state, *inputs)
+    return self._any(state, np.int32(n), *inputs)
+
+  def lower(self, state, *inputs):
+    """The lowered program of a full call: `steps_per_program` steps (steps_per_call with the device loop, else 1);
+    compiled, it is called as (state, *inputs)."""
+    return self._full.lower(state, *inputs)

@@ -8,7 +8,8 @@ happens the first time the run reaches POINT at (or past) STEP. The package itse
 
   ACTION  kill (SIGKILL: no handler runs, like a lost machine), term (SIGTERM: a preemption notice), int (SIGINT),
           pause (the process sleeps there for 10 minutes, holding its workdir),
-          enospc (the write at POINT fails as on a full disk: checkpoint as orbax reports it, metrics as the OS does)
+          enospc (the write at POINT fails as on a full disk: checkpoint as orbax reports it, metrics as the OS does),
+          bug (a ValueError raised at POINT, as a bug in our code or in a library would)
   POINT   train       after the call of the step that reaches STEP (or passes it, with several steps per call),
                       before its log line, evaluation or checkpoint
           eval        at the start of the evaluation at STEP
@@ -22,7 +23,8 @@ import signal
 import time
 
 ENV = 'RESNET_JAX_TEST_FAULT'
-ACTIONS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT, 'pause': None, 'enospc': None}
+ACTIONS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT, 'pause': None, 'enospc': None,
+           'bug': None}
 POINTS = ('train', 'eval', 'checkpoint', 'metrics')
 # What orbax raised when a checkpoint write met a full disk (tensorstore's error, seen on a full tmpfs).
 ORBAX_NO_SPACE = ('RESOURCE_EXHAUSTED: Error writing "params.head.kernel/0" in OCDBT database: Failed to write '
@@ -84,6 +86,9 @@ def point(name: str, step: int) -> None:
   elif action in ('kill', 'term', 'int'):
     _announce(action, name, step)
     os.kill(os.getpid(), ACTIONS[action])
+  elif action == 'bug':
+    _announce(action, name, step)
+    raise ValueError(f'an injected bug at {name} at step {step}')
 
 
 def temporary_path_class():
@@ -110,22 +115,22 @@ def install() -> None:
   """Arms the points named by the environment in resnet_jax's training run."""
   import jax
   import numpy as np
-  from resnet_jax import checkpoint, metrics_io, train_loop, train_step
+  from resnet_jax import checkpoint, metrics_io, train, xla_workarounds
   if armed('train') is not None:
-    call = train_step.TrainSteps.__call__
+    call = xla_workarounds.StepCaller.__call__
 
     def call_with_fault(self, state, n, *inputs):
       new = call(self, state, n, *inputs)
       point('train', int(np.max(jax.device_get(new.step))))  # a state of several seeds: one step per seed
       return new
-    train_step.TrainSteps.__call__ = call_with_fault
+    xla_workarounds.StepCaller.__call__ = call_with_fault
   if armed('eval') is not None:
-    evaluate_splits = train_loop.evaluate_splits
+    evaluate_splits = train.evaluate_splits
 
     def evaluate_with_fault(model, inp, state, step):
       point('eval', step)
       return evaluate_splits(model, inp, state, step)
-    train_loop.evaluate_splits = evaluate_with_fault
+    train.evaluate_splits = evaluate_with_fault
   if armed('checkpoint') is not None and armed('checkpoint')[0] == 'enospc':
     save = checkpoint.ocp.CheckpointManager.save
 

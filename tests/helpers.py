@@ -2,7 +2,8 @@
 import numpy as np
 from PIL import Image
 
-from resnet_jax import config_base, input_pipeline, train_step
+from resnet_jax import config_base, input_pipeline, models, train_step, xla_workarounds
+
 def tiny_config(**overrides):
   """A ResNet-8 on the embedded digits at 8x8: a step takes milliseconds on the CPU."""
   c = config_base.cifar(8)
@@ -25,12 +26,24 @@ def tiny_config(**overrides):
   return c
 
 
+def model_and_state(config, mesh, abstract=False):
+  """(model, initial state) of `config` on `mesh`, as a run builds them."""
+  model = models.create_model(config.model, bn_group_size=config.bn_group_size)
+  return model, train_step.create_state(config, model, mesh, abstract)
+
+
+def step_caller(config, model, mesh, inp, device_loop=None):
+  """The jitted step as a run calls it: steps(state, n, *inputs)."""
+  return xla_workarounds.StepCaller(train_step.make_step(config, model, mesh, inp), config, mesh,
+                                    inp.input_shardings, device_loop)
+
+
 def training_step(config, mesh, dataset=None):
   """(model, initial state, the step as a run calls it for one step: step(state, *inputs), the step's inputs) of
   `config` on `mesh`, built as a run builds them."""
   inp = input_pipeline.InMemoryInput(config, mesh, dataset)
-  model, state = train_step.create_model_and_state(config, mesh)
-  steps = train_step.TrainSteps(config, model, mesh, inp)
+  model, state = model_and_state(config, mesh)
+  steps = step_caller(config, model, mesh, inp)
   one = lambda state, *inputs: steps(state, 1, *inputs)
   one.lower = steps.lower  # a full call's program (one step at the default steps_per_call on the CPU)
   return model, state, one, next(inp.train_inputs(0))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import benchmark, mesh as mesh_lib, models, summary, validation
+from resnet_jax import benchmark, errors, mesh as mesh_lib, models, summary, validation
 from helpers import tiny_config, training_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def test_benchmark_command_prints_consistent_json():
 
 
 def test_benchmark_rejects_a_training_set_smaller_than_a_batch():
-  with pytest.raises(ValueError, match='at least one batch'):
+  with pytest.raises(errors.USER_ERRORS, match='at least one batch'):
     benchmark.run(tiny_config(), steps=1, repeats=1, examples=8, devices=jax.devices()[:1])
 
 
@@ -91,9 +91,9 @@ def test_half_precision_keeps_float32_state_and_tracks_float32():
 
 
 def test_loss_scaling_only_with_float16():
-  with pytest.raises(ValueError, match='float16'):
+  with pytest.raises(errors.USER_ERRORS, match='float16'):
     validation.validate(tiny_config(**{'loss_scale.enabled': True}), 1)
-  with pytest.raises(ValueError, match='factor > 1'):
+  with pytest.raises(errors.USER_ERRORS, match='factor > 1'):
     validation.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16', 'loss_scale.factor': 1.0}),
                    1)
   validation.validate(tiny_config(**{'loss_scale.enabled': True, 'model.dtype': 'float16'}), 1)

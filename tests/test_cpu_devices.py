@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from resnet_jax import cpu_devices, validation
+from resnet_jax import cpu_devices, errors, validation
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,5 +79,5 @@ def test_a_device_starved_at_the_all_reduce_aborts_under_xla_defaults_and_waits_
 
 
 def test_negative_cpu_devices_is_refused():
-  with pytest.raises(ValueError, match='cpu_devices=-1 must be >= 0'):
+  with pytest.raises(errors.USER_ERRORS, match='cpu_devices=-1 must be >= 0'):
     validation.validate(tiny_config(cpu_devices=-1), 4)

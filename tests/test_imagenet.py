@@ -120,7 +120,7 @@ def test_train_stream_shapes_dtypes_labels_and_hosts(folder):
   assert [p[0].shape for p in parts] == [(4, 32, 32, 3)] * 2
   key = lambda xs: sorted(x.tobytes() for x in xs)
   assert key(np.concatenate([p[0] for p in parts])) == key(batches[1][0])
-  with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
+  with pytest.raises(errors.USER_ERRORS, match='not divisible by the 3 hosts'):
     streams.train_iterator(c, source, 0, process_index=0, process_count=3)
 
 
@@ -262,7 +262,7 @@ def test_missing_data_errors_say_what_to_do(tmp_path):
   assert 'ILSVRC2012_img_train.tar' in str(e.value) and '--file_format=array_record' in str(e.value)
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in str(e.value)
   c.data.source = 'lmdb'
-  with pytest.raises(ValueError, match='valid choices: tfds, folder'):
+  with pytest.raises(errors.USER_ERRORS, match='valid choices: tfds, folder'):
     validation.validate(c, 1)
 
 
@@ -319,7 +319,7 @@ def test_an_empty_class_folder_is_named(folder, tmp_path):
   shutil.copytree(folder, root)
   (root / 'train' / 'dog').mkdir()
   c = tiny_imagenet_config(root)
-  with pytest.raises(ValueError, match=r"hold no images .*\['dog'\]"):
+  with pytest.raises(errors.USER_ERRORS, match=r"hold no images .*\['dog'\]"):
     data_sources.streamed_source(c.data, 'train')
   (root / 'val' / 'dog').mkdir()
   (root / 'train' / 'dog' / 'a.JPEG').write_bytes((folder / 'train' / 'ant' / 'ant_0.JPEG').read_bytes())
@@ -349,9 +349,9 @@ def test_resuming_continues_the_saved_position_and_refuses_other_classes_or_exam
     next(inp.train_inputs(2, state))
     assert inp.iterator_state() == {**saved, streams.POSITION_KEY: 24}  # after the batch of step 2
     inp.close()
-  with pytest.raises(ValueError, match=r"missing here: \['bear'\]; new here: \['bee'\]"):
+  with pytest.raises(errors.USER_ERRORS, match=r"missing here: \['bear'\]; new here: \['bee'\]"):
     inp.train_inputs(2, {**saved, 'class_names': ['ant', 'bear', 'cow']})
-  with pytest.raises(ValueError, match='13 training examples, here 12'):
+  with pytest.raises(errors.USER_ERRORS, match='13 training examples, here 12'):
     inp.train_inputs(2, {**saved, 'num_examples': 13})
 
 
@@ -783,7 +783,7 @@ def test_bn_recalibration_from_the_training_stream(folder):
   c = tiny_imagenet_config(folder, **{'data.mean': 'none'})
   model, variables = _resnet8()
   inp = input_pipeline.StreamedInput(c, mesh_lib.make_mesh())
-  with pytest.raises(ValueError, match='fewer than one batch'):
+  with pytest.raises(errors.USER_ERRORS, match='fewer than one batch'):
     bn_recalibration.recalibrate_from_input(c, model, variables, inp, 4)
   new = bn_recalibration.recalibrate_from_input(c, model, variables, inp, 16)
   stem = new['batch_stats']['stem_bn']

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from resnet_jax import config_base, models, summary, validation, xla_workarounds
+from resnet_jax import config_base, errors, models, summary, validation, xla_workarounds
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -303,14 +303,14 @@ def test_fc_layer_is_he_initialised_by_default_and_flax_is_the_named_alternative
 def test_bad_model_config_lists_valid_choices(field, value, expected):
   c = cifar_model_config(20)
   c[field] = value
-  with pytest.raises(ValueError, match=expected.replace('+', r'\+')):
+  with pytest.raises(errors.USER_ERRORS, match=expected.replace('+', r'\+')):
     validation.validate_model(c)
 
 
 def test_unknown_imagenet_depth_lists_valid_depths():
   c = imagenet_model_config(18)
   c.depth = 42
-  with pytest.raises(ValueError, match='18, 34, 50, 101, 152'):
+  with pytest.raises(errors.USER_ERRORS, match='18, 34, 50, 101, 152'):
     validation.validate_model(c)
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, distributed, metrics_io, models, train_loop, train_step
+from resnet_jax import checkpoint, distributed, errors, metrics_io, models, train, train_step
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +105,7 @@ def _wait_for(path, text, procs, timeout=180):
 def test_two_processes_train_like_one_process_with_four_devices_and_resume(tmp_path):
   config = tiny_config(**OVERRIDES)
   assert jax.device_count() == 4
-  train_loop.train_and_evaluate(config, str(tmp_path / 'one'))                 # 1 process x 4 devices
+  train.train_and_evaluate(config, str(tmp_path / 'one'))                 # 1 process x 4 devices
 
   # 2 processes x 2 devices. A SIGTERM to process 1 alone, sent before training starts, must stop both at the same
   # early step with a checkpoint (jax's preemption sync: the notice reaches every process) ...
@@ -217,6 +217,6 @@ def test_the_environment_says_when_there_are_several_processes(monkeypatch):
     ({'mode': 'always'}, 'valid choices: auto, on, off'),
 ])
 def test_incomplete_or_wrong_flags_are_refused_before_anything_starts(kwargs, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.USER_ERRORS, match=message):
     distributed.initialize(**kwargs)
   assert not jax.distributed.is_initialized()

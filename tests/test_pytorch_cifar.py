@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from experiments import report, sweep  # noqa: E402
-from resnet_jax import config_base, data, train_loop  # noqa: E402
+from resnet_jax import config_base, data, train  # noqa: E402
 from helpers import write_image_folder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_same_metric_keys_at_the_same_steps_and_the_report_puts_both_side_by_sid
   c.batch_size, c.bn_group_size, c.eval_batch_size, c.model.num_classes = 8, 0, 8, 3
   sweep.shorten(c, 20)  # what `experiments.table6 --steps 20` does; the PyTorch trainer's --steps=20 the same
   ours = runs / 'resnet-8' / 'seed0'
-  train_loop.train_and_evaluate(c, str(ours))
+  train.train_and_evaluate(c, str(ours))
 
   keys = lambda rows: [(r['step'], sorted(r)) for r in rows]
   assert keys(_rows(theirs)) == keys(_rows(ours))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import faults
-from resnet_jax import checkpoint, config_base, errors, metrics_io, run_record, train_loop, train_step
+from resnet_jax import checkpoint, config_base, errors, metrics_io, recipe, run_record, train
 from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -399,19 +399,19 @@ def _tiny(**overrides):
 
 def _spike_lr_at(monkeypatch, bad_steps):
   """The learning rate is infinite at the 0-based steps `bad_steps`, so their updates are not finite."""
-  original = train_step.learning_rate
+  original = recipe.learning_rate
 
   def spiky(config, step, warmup_done):
     bad = jnp.any(jnp.asarray([step == s for s in bad_steps]))
     return jnp.where(bad, jnp.inf, original(config, step, warmup_done))
 
-  monkeypatch.setattr(train_step, 'learning_rate', spiky)
+  monkeypatch.setattr(recipe, 'learning_rate', spiky)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
   _spike_lr_at(monkeypatch, [3])  # the 4th update; the checkpoint at step 3 is the last good one
   with pytest.raises(errors.NonFiniteLossError) as e:
-    train_loop.train_and_evaluate(_tiny(eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
+    train.train_and_evaluate(_tiny(eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
   msg = str(e.value)
   assert 'non-finite at step 4 (found at step 6)' in msg and 'Last good checkpoint: step 3 in' in msg
   assert 'nonfinite_loss=skip' in msg and isinstance(e.value, errors.USER_ERRORS)
@@ -421,7 +421,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_p
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
   _spike_lr_at(monkeypatch, [3, 4])  # updates 4 and 5 are not finite
-  last = train_loop.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10,
+  last = train.train_and_evaluate(_tiny(nonfinite_loss='skip', checkpoint_every_steps=1, keep_checkpoints=10,
                                           eval_every_steps=6), str(tmp_path), devices=jax.devices()[:1])
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
   assert [(r['step'], r['skipped_steps']) for r in rows] == [(3, 0), (6, 2)]
@@ -437,7 +437,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_a_second_sigint_interrupts_at_once():
-  with train_loop.StopRequest() as stop:
+  with train.StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
@@ -475,11 +475,12 @@ def _folder(kind):
 
 
 BAD_INPUTS = [
-    ('unknown model family', {'model.family': 'vgg'}, None, r"Unknown model family 'vgg'.*valid choices: cifar, imagenet"),
+    ('unknown model family', {'model.family': 'vgg'}, None,
+     r"Unknown config.model.family 'vgg'.*valid choices: cifar, imagenet"),
     ('unknown CIFAR depth', {'model.depth': 21}, None, r'Unknown CIFAR depth 21: CIFAR nets have depth 6n\+2'),
     ('unknown ImageNet depth', {'model.family': 'imagenet', 'model.depth': 200}, None,
      r'ImageNet depth.*200.*18, 34, 50, 101, 152'),
-    ('unknown shortcut option', {'model.shortcut': 'D'}, None, r'shortcut option.*valid choices: A, B, C'),
+    ('unknown shortcut option', {'model.shortcut': 'D'}, None, r'config.model.shortcut.*valid choices: A, B, C'),
     ('batch not divisible by the devices', {'batch_size': 30, 'bn_group_size': 0}, None,
      r'batch_size=30 is not divisible by the 4 devices'),
     ('batch not divisible by bn_group_size', {'bn_group_size': 12}, None,
@@ -495,10 +496,12 @@ BAD_INPUTS = [
     ('negative evaluation interval', {'eval_every_steps': -4}, None, r'eval_every_steps=-4 must be positive'),
     ('lr boundaries out of order', {'lr_boundaries': (8, 6)}, None,
      r"lr_boundaries=\(8, 6\) must be strictly increasing steps in 1\.\.config\.num_steps=12 .*"
-     r"--config\.lr_boundaries='\(6, 9\)'"),
+     r"--config\.lr_boundaries='\(\)'.* at steps 6, 9\)"),
     ('lr boundary past num_steps', {'lr_boundaries': (20,)}, None,
-     r"lr_boundaries=\(20,\) must be strictly increasing steps in 1\.\.config\.num_steps=12 .*'\(\)' for a "
-     r'constant rate'),
+     r"lr_boundaries=\(20,\) must be strictly increasing steps in 1\.\.config\.num_steps=12 .*"
+     r"lr_drop_fractions=\(0\.5, 0\.75\) \(here at steps 6, 9\)"),
+    ('lr drop fractions out of order', {'lr_drop_fractions': (0.75, 0.5)}, None,
+     r"lr_drop_fractions=\(0\.75, 0\.5\) must be increasing fractions of the run"),
     ('negative batch', {'batch_size': -32}, None, r'batch_size=-32 must be positive'),
     ('unknown non-finite policy', {'nonfinite_loss': 'ignore'}, None, r"valid choices: stop, skip"),
     ('missing image folder', {'data.source': 'folder', 'data.data_dir': '/nonexistent/cifar'}, None,
@@ -524,7 +527,7 @@ def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(reference, tmp_
     make_folder(tmp_path / 'images')
     overrides = {**overrides, 'data.data_dir': str(tmp_path / 'images')}
   with pytest.raises(errors.USER_ERRORS, match=message):
-    train_loop.train_and_evaluate(_ref_config(**overrides), str(workdir))
+    train.train_and_evaluate(_ref_config(**overrides), str(workdir))
   assert _snapshot(workdir) == before
 
 
@@ -535,7 +538,7 @@ def test_forced_resume_into_a_different_model_names_the_arrays_that_do_not_fit(r
   with pytest.raises(errors.ConfigMismatchError,
                      match=r"(?s)checkpoint at step 12 .* does not fit.*\['params'\]\['stage1_block2'\].*"
                            r"checkpoint <absent>"):
-    train_loop.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
+    train.train_and_evaluate(_ref_config(**{'model.depth': 14}), str(workdir), force_resume=True)
   assert _snapshot(workdir) == before
 
 
@@ -547,7 +550,7 @@ def small_run(tmp_path_factory):
   """A finished 6-step run on an image folder, checkpointed at steps 3 and 6: ROOT/run, its images in ROOT/images."""
   root = tmp_path_factory.mktemp('small_run')
   write_image_folder(root / 'images', size=8, classes=('cat', 'dog'), per_class=16)
-  train_loop.train_and_evaluate(_small(root / 'images'), str(root / 'run'), devices=jax.devices()[:1])
+  train.train_and_evaluate(_small(root / 'images'), str(root / 'run'), devices=jax.devices()[:1])
   return root
 
 
@@ -567,10 +570,10 @@ def test_resume_with_a_changed_recipe_is_refused_naming_each_field_with_both_val
   changed = {'num_steps': 9, 'learning_rate': 0.2, 'lr_boundaries': (5,), 'momentum_form': 'pytorch',
              'weight_decay': 5e-4, 'warmup.until_error': 0.5, 'seed': 1}
   with pytest.raises(errors.ConfigMismatchError) as e:
-    train_loop.train_and_evaluate(_small(small_run / 'images', **changed), str(workdir), devices=jax.devices()[:1])
+    train.train_and_evaluate(_small(small_run / 'images', **changed), str(workdir), devices=jax.devices()[:1])
   msg = str(e.value)
   for line in ('num_steps: checkpoint has 6, this run has 9', 'learning_rate: checkpoint has 0.1, this run has 0.2',
-               'lr_boundaries: checkpoint has [4], this run has [5]',
+               'lr drops at steps: checkpoint has [4], this run has [5]',
                "momentum_form: checkpoint has 'caffe', this run has 'pytorch'",
                'weight_decay: checkpoint has 0.0001, this run has 0.0005',
                'warmup.until_error: checkpoint has 0.8, this run has 0.5', 'seed: checkpoint has 0, this run has 1'):
@@ -584,7 +587,7 @@ def test_a_dataset_moved_to_another_directory_resumes(small_run, tmp_path):
   shutil.copytree(small_run / 'run', workdir)
   shutil.rmtree(workdir / 'checkpoints' / '6')  # as if the run had been stopped after its step-3 checkpoint
   shutil.copytree(small_run / 'images', tmp_path / 'moved')
-  last = train_loop.train_and_evaluate(_small(tmp_path / 'moved'), str(workdir), devices=jax.devices()[:1])
+  last = train.train_and_evaluate(_small(tmp_path / 'moved'), str(workdir), devices=jax.devices()[:1])
   assert last['step'] == 6 and checkpoint.Checkpointer(str(workdir)).all_steps() == [3, 6]
   assert _config_record(workdir / 'config.json')['data']['data_dir'] == str(tmp_path / 'moved')
   assert _config_record(workdir / 'config.json.1')['data']['data_dir'] == str(small_run / 'images')
@@ -598,12 +601,13 @@ def test_a_resume_on_other_data_is_refused_naming_what_differs(small_run, tmp_pa
   one = jax.devices()[:1]
   # The same classes and number of images, other pixels: only the fingerprint tells.
   write_image_folder(tmp_path / 'other', size=8, classes=('cat', 'dog'), per_class=16, seed=7)
-  with pytest.raises(ValueError, match=r'trained on other data: training images or labels with another SHA-256 .* '
-                                       r'Point config\.data at the dataset the run was trained on'):
-    train_loop.train_and_evaluate(_small(tmp_path / 'other'), str(workdir), devices=one)
+  with pytest.raises(errors.USER_ERRORS,
+                     match=r'trained on other data: training images or labels with another SHA-256 .* '
+                           r'Point config\.data at the dataset the run was trained on'):
+    train.train_and_evaluate(_small(tmp_path / 'other'), str(workdir), devices=one)
   write_image_folder(tmp_path / 'more', size=8, classes=('cat', 'dog'), per_class=17)
-  with pytest.raises(ValueError, match=r'trained on other data: 32 training examples, here 34'):
-    train_loop.train_and_evaluate(_small(tmp_path / 'more'), str(workdir), devices=one)
+  with pytest.raises(errors.USER_ERRORS, match=r'trained on other data: 32 training examples, here 34'):
+    train.train_and_evaluate(_small(tmp_path / 'more'), str(workdir), devices=one)
   assert _snapshot(workdir) == before
   # The same images in another folder resume (test_a_dataset_moved_to_another_directory_resumes).
 
@@ -618,8 +622,9 @@ def test_damaged_run_records_are_one_line_in_every_command(small_run, tmp_path, 
   rows = (workdir / 'metrics.jsonl').read_text().splitlines()
   (workdir / 'metrics.jsonl').write_text('\n'.join([rows[0][:20]] + rows[1:]) + '\n')
   before = _snapshot(workdir)
-  with pytest.raises(ValueError, match=r'metrics\.jsonl line 1 is not a metrics row .* Restore it, or delete that'):
-    train_loop.train_and_evaluate(_small(small_run / 'images', num_steps=9), str(workdir), force_resume=True,
+  with pytest.raises(errors.USER_ERRORS,
+                     match=r'metrics\.jsonl line 1 is not a metrics row .* Restore it, or delete that'):
+    train.train_and_evaluate(_small(small_run / 'images', num_steps=9), str(workdir), force_resume=True,
                                   devices=one)
   assert _snapshot(workdir) == before
   with pytest.raises(SystemExit, match=r'error: .*metrics\.jsonl line 1 is not a metrics row'):
@@ -640,10 +645,10 @@ def test_forced_resume_keeps_each_earlier_config_record(small_run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(small_run / 'run', workdir)
   images, one = small_run / 'images', jax.devices()[:1]
-  train_loop.train_and_evaluate(_small(images, num_steps=9), str(workdir), force_resume=True, devices=one)
-  train_loop.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), force_resume=True,
+  train.train_and_evaluate(_small(images, num_steps=9), str(workdir), force_resume=True, devices=one)
+  train.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), force_resume=True,
                              devices=one)
-  train_loop.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), devices=one)  # same
+  train.train_and_evaluate(_small(images, num_steps=9, learning_rate=0.05), str(workdir), devices=one)  # same
   records = [_config_record(workdir / name) for name in ('config.json.1', 'config.json.2', 'config.json')]
   assert [(r['num_steps'], r['learning_rate']) for r in records] == [(6, 0.1), (9, 0.1), (9, 0.05)]
   assert not (workdir / 'config.json.3').exists()  # an unchanged config replaces nothing
@@ -655,7 +660,7 @@ def test_damaged_config_record_in_the_workdir_is_one_clear_error(reference, tmp_
   (workdir / 'config.json').write_text('{"model": {"depth": 8')
   before = _snapshot(workdir)
   with pytest.raises(errors.USER_ERRORS, match=r'config\.json is not valid JSON .* Restore it .*or use another --workdir'):
-    train_loop.train_and_evaluate(_ref_config(), str(workdir))
+    train.train_and_evaluate(_ref_config(), str(workdir))
   assert _snapshot(workdir) == before
 
 
@@ -670,7 +675,7 @@ def test_unwritable_workdir_is_refused_and_nothing_is_created(tmp_path, kind):
     (tmp_path / 'ro').mkdir(mode=0o500)
     workdir = tmp_path / 'ro' / 'run'
   with pytest.raises(PermissionError, match='choose another --workdir'):
-    train_loop.train_and_evaluate(_ref_config(), str(workdir))
+    train.train_and_evaluate(_ref_config(), str(workdir))
   assert not os.path.exists(workdir)
 
 

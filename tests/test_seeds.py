@@ -18,9 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import (checkpoint, errors, mesh as mesh_lib, metrics_io, run_record, train_loop, train_step,
-                        validation)
-from helpers import tiny_config, training_step
+from resnet_jax import checkpoint, errors, mesh as mesh_lib, metrics_io, run_record, seeds, train, validation
+from helpers import model_and_state, tiny_config, training_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -58,9 +57,9 @@ def test_two_seeds_in_one_step_equal_each_seed_trained_alone(batching):
 
 def test_replica_initial_states_are_the_single_seed_initial_states_bit_for_bit():
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  _, both = train_step.create_model_and_state(tiny_config(seed=3, num_seeds=2), mesh)
+  _, both = model_and_state(tiny_config(seed=3, num_seeds=2), mesh)
   for k, seed in enumerate((3, 4)):
-    _, alone = train_step.create_model_and_state(tiny_config(seed=seed), mesh)
+    _, alone = model_and_state(tiny_config(seed=seed), mesh)
     for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(both)), jax.tree_util.tree_leaves(jax.device_get(alone))):
       np.testing.assert_array_equal(x[k], y)
 @pytest.mark.slow
@@ -71,21 +70,22 @@ def test_two_seeds_on_1_and_4_devices_give_the_same_states():
 
 def test_seed_batching_is_unrolled_on_the_cpu_by_default_and_unknown_values_are_refused():
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  assert train_step.seed_batching(tiny_config(num_seeds=2), mesh) == 'unroll'
-  assert train_step.seed_batching(tiny_config(num_seeds=2, seed_batching='vmap'), mesh) == 'vmap'
-  with pytest.raises(ValueError, match='valid choices: auto, vmap, unroll'):
+  assert seeds.seed_batching(tiny_config(num_seeds=2), mesh) == 'unroll'
+  assert seeds.seed_batching(tiny_config(num_seeds=2, seed_batching='vmap'), mesh) == 'vmap'
+  with pytest.raises(errors.USER_ERRORS, match='valid choices: auto, vmap, unroll'):
     validation.validate(tiny_config(seed_batching='scan'), 1)
 
 
 def test_num_seeds_below_one_is_refused():
-  with pytest.raises(ValueError, match=r'config\.num_seeds=0 must be at least 1'):
+  with pytest.raises(errors.USER_ERRORS, match=r'config\.num_seeds=0 must be at least 1'):
     validation.validate(tiny_config(num_seeds=0), 1)
 @pytest.mark.slow
 def test_a_step_too_large_for_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
   monkeypatch.setattr(validation, 'available_memory_bytes', lambda device: 1000)
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError, match=r'num_seeds=2 seed\(s\) needs about [0-9.]+ GiB .* but 0\.00 GiB is available'):
-    train_loop.train_and_evaluate(tiny_config(num_seeds=2), str(workdir))
+  with pytest.raises(errors.USER_ERRORS,
+                     match=r'num_seeds=2 seed\(s\) needs about [0-9.]+ GiB .* but 0\.00 GiB is available'):
+    train.train_and_evaluate(tiny_config(num_seeds=2), str(workdir))
   assert not workdir.exists()
 @pytest.mark.slow
 def test_memory_estimate_grows_with_the_seeds():
@@ -116,7 +116,7 @@ def _rows(path):
 @pytest.mark.slow
 def test_a_run_of_two_seeds_writes_each_seed_as_the_run_of_that_seed_alone(tmp_path):
   both = tmp_path / 'both'
-  last = train_loop.train_and_evaluate(tiny_config(num_seeds=2), str(both))
+  last = train.train_and_evaluate(tiny_config(num_seeds=2), str(both))
   assert last['step'] == 6 and sorted(last['seeds']) == [0, 1]
   assert not (both / 'metrics.jsonl').exists() and (both / 'curves.png').stat().st_size > 1000
   assert json.load(open(both / 'config.json'))['num_seeds'] == 2
@@ -124,7 +124,7 @@ def test_a_run_of_two_seeds_writes_each_seed_as_the_run_of_that_seed_alone(tmp_p
   seed_rows = []
   for k in (0, 1):
     alone = tmp_path / f'alone{k}'
-    train_loop.train_and_evaluate(tiny_config(seed=k), str(alone))
+    train.train_and_evaluate(tiny_config(seed=k), str(alone))
     recorded = json.load(open(both / f'seed{k}' / 'config.json'))
     assert (recorded['seed'], recorded['num_seeds']) == (k, 1)
     rows, expected = _rows(both / f'seed{k}' / 'metrics.jsonl'), _rows(alone / 'metrics.jsonl')
@@ -143,7 +143,7 @@ def test_report_reads_each_seed_of_a_program(tmp_path):
   for k, err in ((0, 0.09), (1, 0.085), (2, 0.1)):
     run = tmp_path / 'table6' / 'resnet-20' / 'seeds0-2' / f'seed{k}'
     run.mkdir(parents=True)
-    c = train_loop.single_seed_config(tiny_config(**{'model.depth': 20, 'num_steps': 64_000}), k)
+    c = seeds.single_seed_config(tiny_config(**{'model.depth': 20, 'num_steps': 64_000}), k)
     c.data.dataset = 'cifar10'
     (run / 'config.json').write_text(c.to_json())
     (run / 'metrics.jsonl').write_text(json.dumps({'step': 64_000, 'train_error': 0.01, 'test_error': err}) + '\n')

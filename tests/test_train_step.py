@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import augment, evaluate, input_pipeline, mesh as mesh_lib, models, train_step, validation
-from helpers import tiny_config, training_step
+from resnet_jax import (augment, errors, evaluate, input_pipeline, mesh as mesh_lib, models, recipe, train_step,
+                        validation)
+from helpers import model_and_state, step_caller, tiny_config, training_step
 
 
 def _one_step(config, devices, steps=1):
@@ -61,20 +62,20 @@ def test_grouped_batchnorm_normalises_each_group_separately():
 def test_learning_rate_schedule_at_and_around_boundaries():
   c = tiny_config()
   c.learning_rate, c.lr_boundaries = 0.1, (32_000, 48_000)
-  lr = lambda s: float(train_step.learning_rate(c, jnp.asarray(s), jnp.asarray(True)))
+  lr = lambda s: float(recipe.learning_rate(c, jnp.asarray(s), jnp.asarray(True)))
   for s, expected in ((0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)):
     assert lr(s) == pytest.approx(expected), s
 
 
 def test_warmup_holds_then_returns_to_full_lr():
-  c = tiny_config(lr_boundaries=())
+  c = tiny_config(lr_boundaries=(), lr_drop_fractions=())  # a constant rate after the warm-up
   c.warmup.enabled = True
-  assert float(train_step.learning_rate(c, jnp.asarray(10), jnp.asarray(False))) == pytest.approx(0.01)
-  assert float(train_step.learning_rate(c, jnp.asarray(10), jnp.asarray(True))) == pytest.approx(0.1)
+  assert float(recipe.learning_rate(c, jnp.asarray(10), jnp.asarray(False))) == pytest.approx(0.01)
+  assert float(recipe.learning_rate(c, jnp.asarray(10), jnp.asarray(True))) == pytest.approx(0.1)
   done, ema = jnp.asarray(False), jnp.asarray(0.9)
   history = []
   for step, err in enumerate([0.9, 0.85, 0.5, 0.5, 0.5, 0.5, 0.9, 0.9]):
-    done, ema = train_step.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(err))
+    done, ema = recipe.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(err))
     history.append(bool(done))
   # A moving average, so one good batch is not enough; once done, it stays done even if the error rises again.
   assert history[:3] == [False, False, False] and history[-1] and history.index(True) >= 3
@@ -87,14 +88,14 @@ def test_warmup_cannot_last_forever():
   done, ema = jnp.asarray(False), jnp.asarray(0.9)
   for step in range(5):
     assert not bool(done)
-    done, ema = train_step.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(0.95))  # error never falls
+    done, ema = recipe.update_warmup(c, jnp.asarray(step), done, ema, jnp.asarray(0.95))  # error never falls
   assert bool(done)
 
 
 @pytest.mark.slow
 def test_warmup_switch_inside_the_real_step():
   """ResNet-110 recipe on the digits: the step returns to lr 0.1 once the error falls, within a few dozen steps."""
-  c = tiny_config(num_steps=60, batch_size=64, lr_boundaries=())
+  c = tiny_config(num_steps=60, batch_size=64, lr_boundaries=(), lr_drop_fractions=())
   c.warmup.enabled = True
   _, state, step, args = training_step(c, mesh_lib.make_mesh(jax.devices()[:1]))
   lrs = []
@@ -168,7 +169,7 @@ def test_eval_counts_every_example():
     (dict(learning_rate=-0.1), 'learning_rate=-0.1 must be positive'),
 ])
 def test_bad_run_shapes_are_refused_with_what_to_change(overrides, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.USER_ERRORS, match=message):
     validation.validate(tiny_config(**overrides), 4)
 
 
@@ -188,7 +189,7 @@ def test_a_two_axis_mesh_from_config_gives_the_same_step_as_one_device():
 def test_a_mesh_that_does_not_fit_the_devices_is_refused(axes, shape):
   config = tiny_config()
   config.mesh.axes, config.mesh.shape = axes, shape
-  with pytest.raises(ValueError, match='config.mesh'):
+  with pytest.raises(errors.USER_ERRORS, match='config.mesh'):
     mesh_lib.make_mesh(jax.devices()[:4], config.mesh)
 
 
@@ -228,7 +229,7 @@ def test_caffe_and_pytorch_momentum_agree_while_the_lr_is_constant_and_differ_af
 
 
 def test_unknown_momentum_form_lists_the_choices():
-  with pytest.raises(ValueError, match=r"momentum_form 'nesterov'; valid choices: caffe, pytorch"):
+  with pytest.raises(errors.USER_ERRORS, match=r"momentum_form 'nesterov'; valid choices: caffe, pytorch"):
     validation.validate(tiny_config(momentum_form='nesterov'), 4)
 
 
@@ -246,7 +247,7 @@ def test_matmul_precision_highest_leaves_cpu_float32_steps_unchanged():
 
 
 def test_unknown_matmul_precision_lists_the_choices():
-  with pytest.raises(ValueError, match=r"matmul_precision 'tf32'; valid choices: highest, high, default"):
+  with pytest.raises(errors.USER_ERRORS, match=r"matmul_precision 'tf32'; valid choices: highest, high, default"):
     validation.validate(tiny_config(matmul_precision='tf32'), 4)
 
 
@@ -258,8 +259,8 @@ def test_the_device_loop_gives_the_same_bits_however_the_steps_are_cut_into_call
   for n in (2, 4, 3):
     c = tiny_config(steps_per_call=n)
     inp = input_pipeline.InMemoryInput(c, mesh)
-    model, state = train_step.create_model_and_state(c, mesh)
-    steps = train_step.TrainSteps(c, model, mesh, inp, device_loop=True)
+    model, state = model_and_state(c, mesh)
+    steps = step_caller(c, model, mesh, inp, device_loop=True)
     args, done = next(inp.train_inputs(0)), 0
     while done < 12:
       k = min(n, 4 - done % 4)  # as the loop cuts calls at log points every 4 steps

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, data, errors, metrics_io, train_loop, train_step
+from resnet_jax import checkpoint, data, errors, metrics_io, train, train_step
 from helpers import tiny_config, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ def _rows(workdir):
 
 @pytest.mark.slow
 def test_run_writes_metrics_config_plot_and_checkpoints(tmp_path):
-  last = train_loop.train_and_evaluate(tiny_config(), str(tmp_path))
+  last = train.train_and_evaluate(tiny_config(), str(tmp_path))
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
   assert [r['step'] for r in rows] == [3, 6]
   for r in rows:
@@ -39,11 +39,11 @@ def test_run_writes_metrics_config_plot_and_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
   full, part = tmp_path / 'full', tmp_path / 'part'
-  train_loop.train_and_evaluate(tiny_config(), str(full))
-  train_loop.train_and_evaluate(tiny_config(num_steps=3, lr_boundaries=(3,)), str(part))   # stops at step 3 ...
+  train.train_and_evaluate(tiny_config(), str(full))
+  train.train_and_evaluate(tiny_config(num_steps=3, lr_boundaries=(3,)), str(part))   # stops at step 3 ...
   with open(part / 'metrics.jsonl', 'a') as f:  # ... a line the killed run wrote after its last checkpoint
     f.write('{"step": 5, "train_loss": 123.0}\n')
-  train_loop.train_and_evaluate(tiny_config(), str(part), force_resume=True)  # ... and resumes to step 6
+  train.train_and_evaluate(tiny_config(), str(part), force_resume=True)  # ... and resumes to step 6
   assert _rows(full) == _rows(part)
   a = checkpoint.Checkpointer(str(full)).load_arrays(6)
   b = checkpoint.Checkpointer(str(part)).load_arrays(6)
@@ -81,7 +81,7 @@ def test_steps_per_call_changes_nothing_in_the_run(tmp_path):
   for n in (1, 3, 4):
     config = tiny_config(num_steps=12, lr_boundaries=(6,), log_every_steps=4, eval_every_steps=8,
                          checkpoint_every_steps=8, steps_per_call=n)
-    train_loop.train_and_evaluate(config, str(tmp_path / f'n{n}'))
+    train.train_and_evaluate(config, str(tmp_path / f'n{n}'))
     runs[n] = (_rows(tmp_path / f'n{n}'), checkpoint.Checkpointer(str(tmp_path / f'n{n}')).load_arrays(12))
   for n in (3, 4):
     assert runs[n][0] == runs[1][0]
@@ -94,15 +94,15 @@ def test_several_steps_per_call_need_the_in_memory_input():
   from resnet_jax import config_base, validation
   c = config_base.imagenet(18)
   c.steps_per_call = 4
-  with pytest.raises(ValueError, match='steps_per_call=4 needs an in-memory dataset'):
+  with pytest.raises(errors.USER_ERRORS, match='steps_per_call=4 needs an in-memory dataset'):
     validation.validate(c, 1)
 
 
 @pytest.mark.slow
 def test_resume_with_a_different_model_is_refused_naming_the_fields(tmp_path):
-  train_loop.train_and_evaluate(tiny_config(num_steps=3, lr_boundaries=(3,)), str(tmp_path))
+  train.train_and_evaluate(tiny_config(num_steps=3, lr_boundaries=(3,)), str(tmp_path))
   with pytest.raises(errors.ConfigMismatchError, match=r'model\.depth.*8.*14') as e:
-    train_loop.train_and_evaluate(tiny_config(**{'model.depth': 14, 'data.pad': 2}), str(tmp_path))
+    train.train_and_evaluate(tiny_config(**{'model.depth': 14, 'data.pad': 2}), str(tmp_path))
   assert 'data.pad' in str(e.value) and '--force_resume' in str(e.value)
   assert json.load(open(tmp_path / 'config.json'))['model']['depth'] == 8  # nothing overwritten
 
@@ -114,7 +114,7 @@ def test_short_run_on_the_embedded_digits_drives_training_error_down(tmp_path):
   # The drop at 40 leaves 20 steps: in the paper's (Caffe) momentum form the velocity built at lr 0.1 decays over
   # about 10 steps after a drop, so a drop closer to the end leaves the last window still moving at the old rate.
   c.data.image_size, c.data.pad = 16, 2
-  train_loop.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(c, str(tmp_path))
   rows = metrics_io.read_metrics(str(tmp_path / 'metrics.jsonl'))
   # The first window is near chance (0.9); a broken step (no learning, wrong sign) stays there. The last window is
   # a mean over 10 augmented batches at 2.5 epochs, so the bar is "halved and well below chance", not a tight number.
@@ -136,7 +136,7 @@ def test_folder_source_decodes_images_and_labels(tmp_path):
 def test_folder_with_mismatched_classes_is_refused(tmp_path):
   write_image_folder(tmp_path, splits=('train',), size=8)
   write_image_folder(tmp_path, splits=('test',), classes=('cat', 'dog', 'horse'), size=8)
-  with pytest.raises(ValueError, match=r"test has classes that .*train lacks: \['horse'\]"):
+  with pytest.raises(errors.USER_ERRORS, match=r"test has classes that .*train lacks: \['horse'\]"):
     data.load_folder(str(tmp_path), image_size=8)
 
 
@@ -228,10 +228,52 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 def test_the_run_is_traced_under_config_matmul_precision(tmp_path, monkeypatch):
   seen = []
-  monkeypatch.setattr(train_loop, '_run',
-                      lambda *args: seen.append(jax.config.jax_default_matmul_precision) or {})
-  train_loop.train_and_evaluate(tiny_config(), str(tmp_path))
-  train_loop.train_and_evaluate(tiny_config(matmul_precision='default'), str(tmp_path))
+
+  class Seen(Exception):
+    pass
+
+  def create(*args):  # the first thing the run does after entering its scopes
+    seen.append(jax.config.jax_default_matmul_precision)
+    raise Seen
+  monkeypatch.setattr(train.input_pipeline, 'create', create)
+  for precision in ('highest', 'default'):
+    with pytest.raises(Seen):
+      train.train_and_evaluate(tiny_config(matmul_precision=precision), str(tmp_path))
   assert seen == ['highest', 'default'] and jax.config.jax_default_matmul_precision is None
-  with pytest.raises(ValueError, match='valid choices: highest, high, default'):
-    train_loop.train_and_evaluate(tiny_config(matmul_precision='tf32'), str(tmp_path))
+  with pytest.raises(errors.USER_ERRORS, match='valid choices: highest, high, default'):
+    train.train_and_evaluate(tiny_config(matmul_precision='tf32'), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_bug_raising_valueerror_inside_the_step_keeps_its_traceback(tmp_path):
+  """A ValueError is not a user's mistake unless the project raised it as one (errors.USER_ERRORS): one raised by a
+  bug, here injected right after a call of the step, prints its traceback, not a one-line `error:`."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             RESNET_JAX_TEST_FAULT='bug@train:1')
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'faults.py'), '--config=configs/digits.py',
+                        f'--workdir={tmp_path}', '--config.num_steps=2', '--config.model.depth=8',
+                        '--config.data.image_size=8', '--config.data.pad=1', '--config.batch_size=32',
+                        '--config.bn_group_size=16'], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert 'Traceback' in out.stderr and 'ValueError: an injected bug at train at step 1' in out.stderr
+  assert not any(line.startswith('error:') for line in out.stderr.splitlines())
+
+
+def test_a_mistake_in_the_config_is_one_error_line_and_exit_1(tmp_path):
+  out = _main('--config=configs/digits.py', f'--workdir={tmp_path / "run"}', '--config.momentum_form=nesterov')
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert lines[-1] == ("error: Unknown config.momentum_form 'nesterov'; valid choices: caffe, pytorch."), lines
+  assert not (tmp_path / 'run').exists()
+
+
+def test_the_workdir_defaults_to_runs_slash_the_config_name_and_a_missing_dataset_says_how_to_get_it(tmp_path):
+  """The command the project is known by, typed as written: it says where it writes; without the dataset (here:
+  tensorflow-datasets not installed, or no CIFAR-10 prepared offline) one line says how to get it, and nothing is
+  left behind."""
+  out = _main(f'--config={os.path.join(REPO, "configs", "cifar_110.py")}',
+              '--config.data.data_dir=' + str(tmp_path / 'no_tfds_data'), cwd=tmp_path)
+  assert f'Writing to {os.path.join("runs", "cifar_110")}' in out.stdout, out.stdout + out.stderr[-2000:]
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert 'tensorflow-datasets' in out.stderr or 'tfds build cifar10' in out.stderr, out.stderr[-2000:]
+  assert not (tmp_path / 'runs').exists()
