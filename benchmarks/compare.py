@@ -45,7 +45,7 @@ def _run(cmd, env=None, timeout=None) -> dict:
 
 def ours(net, depth, dtype, steps, repeats, python, extra, timeout):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  cmd = [python, '-m', 'resnet_jax.benchmark', f'--config={CONFIGS[(net, depth)]}', f'--steps={steps}',
+  cmd = [python, '-m', 'resnet_jax.time_step', f'--config={CONFIGS[(net, depth)]}', f'--steps={steps}',
          f'--repeats={repeats}', '--json', f'--config.model.dtype={dtype}', '--config.bn_group_size=0', *extra]
   return _run(cmd, env, timeout)
 
@@ -103,7 +103,7 @@ def main():
   p.add_argument('--torch-channels-last', action='store_true')
   p.add_argument('--jax-python', default=sys.executable)
   p.add_argument('--torch-python', default=sys.executable)
-  p.add_argument('--jax-arg', action='append', default=[], help='extra flag for resnet_jax.benchmark')
+  p.add_argument('--jax-arg', action='append', default=[], help='extra flag for resnet_jax.time_step')
   p.add_argument('--torch-arg', action='append', default=[], help='extra flag for pytorch_reference.py')
   p.add_argument('--timeout', type=float, default=None, help='seconds per side per case')
   p.add_argument('--out', default='', help='append one JSON line per case to this file')

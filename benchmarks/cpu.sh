@@ -31,16 +31,16 @@ if [[ -n "${ONE_CORE:-}" ]]; then
 fi
 echo "load: $(uptime)"
 if [[ -z "${SKIP_1202:-}" ]]; then
-  # Batch 128 does not fit: its activations for the backward pass need about 20 GB (the run was OOM-killed on this
-  # 23 GB machine), so the step is timed at batch 16; the compile time is that of the paper's batch 128.
+  # At batch 128 the activations kept for the backward pass outgrow a small machine's memory (docs/performance.md,
+  # ResNet-1202), so the step is timed at batch 16; the compile time is that of the paper's batch 128.
   for scan in False True; do
     echo "=== ResNet-1202 (ours, scan_blocks=$scan): compile time at batch 128"
-    PYTHONPATH=$PWD timeout 2400 $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_1202.py --compile_only \
+    PYTHONPATH=$PWD timeout 2400 $JAX_PY -m resnet_jax.time_step --config=configs/cifar_1202.py --compile_only \
       --config.model.scan_blocks=$scan --json | tail -1 | tee "$OUT/cpu_1202_compile_scan_$scan.json"
     echo "load: $(uptime)"
   done
   echo "=== ResNet-1202 (ours, scan_blocks=True): step at batch 16"
-  PYTHONPATH=$PWD $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_1202.py --steps=1 --repeats=2 --warmup=1 \
+  PYTHONPATH=$PWD $JAX_PY -m resnet_jax.time_step --config=configs/cifar_1202.py --steps=1 --repeats=2 --warmup=1 \
     --examples=1000 --config.model.scan_blocks=True --config.batch_size=16 --config.bn_group_size=16 --json \
     | tail -1 | tee "$OUT/cpu_1202_step_b16.json"
   echo "load: $(uptime)"

@@ -2,28 +2,25 @@
 # Every GPU measurement of docs/performance.md in one go, ours vs PyTorch compiled (AMP, channels-last):
 #   ResNet-50 bf16 (batch 256), CIFAR ResNet-110 and ResNet-56 in bf16 and fp32 (batch 128), then XLA flag variants,
 #   then K = 1, 2, 4, 8 seeds in one program on ResNet-20/56 (rows in $OUT/gpu_flags.jsonl with config.num_seeds).
-# Written for a bare machine with one H100, jax 0.11 (CUDA), flax, optax, torch, no ml_collections, and 10 minutes:
-# the measurements run in order of importance, each with its own time limit, and whatever does not fit before
-# DEADLINE seconds is skipped and named as such. Results: $OUT/gpu_results.jsonl, logs: $OUT/gpu.log.
+# Written for a bare machine with one GPU and 10 minutes (the setup of experiments/gpu_lib.sh): the measurements run
+# in order of importance, each with its own time limit, and whatever does not fit before DEADLINE seconds is skipped
+# and named as such. Results: $OUT/gpu_results.jsonl, logs: $OUT/gpu.log.
 #
-# Before, on a machine with network, in the repo root (the wheel is not in git):
-#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
-# Then on the GPU machine, with .whl/ copied beside the repository:  OUT=DIR bash benchmarks/gpu.sh
+# 1. Here, once, with network, in the repository root: the wheels the GPU image lacks into .carry/ (gitignored):
+#      bash benchmarks/gpu.sh --prepare
+# 2. On the GPU machine, with .carry/ beside the repository:  OUT=DIR bash benchmarks/gpu.sh
+# Knobs: DEADLINE (seconds, 540), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/resnet_jax_gpu}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/resnet_jax_gpu}
+source experiments/gpu_lib.sh
+if [ "${1:-}" = "--prepare" ]; then gpu_prepare; exit; fi
 DEADLINE=${DEADLINE:-540}
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-LOG=$OUT/gpu.log; RES=$OUT/gpu_results.jsonl; : > "$RES"
-exec > >(tee -a "$LOG") 2>&1
+LOG_NAME=gpu.log
+gpu_setup || exit 1
+RES=$OUT/gpu_results.jsonl; : > "$RES"
 SECONDS=0
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-python3 -c "import jax, torch, flax, optax; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| flax', flax.__version__)" || exit 1
+$PYTHON -c "import torch, optax; print('torch', torch.__version__, '| optax', optax.__version__)" || exit 1
 
 run() {  # run LABEL SECONDS_LIMIT compare.py args...
   local label=$1 limit=$2; shift 2
@@ -31,7 +28,8 @@ run() {  # run LABEL SECONDS_LIMIT compare.py args...
   if (( left < 30 )); then echo "SKIPPED (out of time): $label"; return; fi
   (( limit > left )) && limit=$left
   echo "=== $label (limit ${limit}s, at ${SECONDS}s)"
-  timeout "$limit" python3 benchmarks/compare.py --out "$RES" --timeout "$((limit / 2))" "$@" || echo "FAILED or timed out: $label"
+  timeout "$limit" $PYTHON benchmarks/compare.py --out "$RES" --timeout "$((limit / 2))" "$@" \
+    || echo "FAILED or timed out: $label"
 }
 
 TORCH="--torch-mode=compile --torch-channels-last"
@@ -42,11 +40,11 @@ run "CIFAR-56 fp32"      100 --case=cifar:56 --dtype=float32 --steps=50 --repeat
 run "CIFAR-110 fp32"     160 --case=cifar:110 --dtype=float32 --steps=50 --repeats=3 $TORCH
 
 # Flags that matter on GPU, ours only (one change at a time against the default run of CIFAR-56 bf16 above).
-ours() {  # ours LABEL XLA_FLAGS benchmark args...
+ours() {  # ours LABEL XLA_FLAGS time_step args...
   local label=$1 flags=$2; shift 2
   if (( DEADLINE - SECONDS < 60 )); then echo "SKIPPED (out of time): $label"; return; fi
   echo "=== ours: $label"
-  XLA_FLAGS="$flags" timeout 90 python3 -m resnet_jax.benchmark --json "$@" | tail -1 | tee -a "$OUT/gpu_flags.jsonl"
+  XLA_FLAGS="$flags" timeout 90 $PYTHON -m resnet_jax.time_step --json "$@" | tail -1 | tee -a "$OUT/gpu_flags.jsonl"
 }
 ours "CIFAR-56 bf16, command buffers off" "--xla_gpu_enable_command_buffer=" --config=configs/cifar_56.py \
   --config.model.dtype=bfloat16 --config.bn_group_size=0 --steps=50
@@ -66,14 +64,15 @@ done
 if (( DEADLINE - SECONDS >= 60 )); then
   echo "=== ReLU A/B, forward and forward+backward of the model alone (fp32, batch 128)"
   for relu in ours max; do
-    timeout 40 python3 benchmarks/forward_backward.py --depths 56 110 --repeats 20 --relu $relu | tee -a "$OUT/gpu_relu.jsonl"
+    timeout 40 $PYTHON benchmarks/probes/forward_backward.py --depths 56 110 --repeats 20 --relu $relu \
+      | tee -a "$OUT/gpu_relu.jsonl"
   done
 else
   echo "SKIPPED (out of time): ReLU A/B"
 fi
 
 echo "=== summary (${SECONDS}s)"
-python3 - "$RES" <<'PYEOF'
+$PYTHON - "$RES" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
   r = json.loads(line); j, t = r['ours'], r['pytorch']

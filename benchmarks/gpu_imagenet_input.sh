@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # ResNet-50 bf16 fed by its real input (the grain pipeline decoding JPEG files on the host's cores) against the same
 # step on synthetic on-device data; one command of at most 9 minutes on a bare GPU machine (the setup of
-# experiments/gpu_lib.sh; the images are generated there, so no data travels).
+# experiments/gpu_lib.sh: `bash benchmarks/gpu_imagenet_input.sh --prepare` here once puts the wheels the GPU image
+# lacks into .carry/; the images are generated there, so no data travels).
 #   OUT=DIR bash benchmarks/gpu_imagenet_input.sh
-# 1. IMAGES ImageNet-like JPEGs (500x375, quality 90, ~100 KB, as benchmarks/input_throughput.py writes them) into
+# 1. IMAGES ImageNet-like JPEGs (500x375, quality 90, as benchmarks/input_throughput.py writes them) into
 #    /tmp/imagenet_like/train/<class>/ (10 classes; the model keeps its 1000-way fc, the labels use 10 of them).
-# 2. The step alone: python -m resnet_jax.benchmark (synthetic images on the device).
+# 2. The step alone: python -m resnet_jax.time_step (synthetic images on the device).
 # 3. The input alone, for each WORKERS value: benchmarks/input_throughput.py (images/s the host delivers).
 # 4. The training loop on the files, for each WORKERS value: python -m resnet_jax.main, STEPS steps, images/s over
 #    the log windows after the first (benchmarks/loop_speed.py's measure).
@@ -15,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source experiments/gpu_lib.sh
+if [ "${1:-}" = "--prepare" ]; then gpu_prepare; exit; fi
 IMAGES=${IMAGES:-4000}
 STEPS=${STEPS:-300}
 WORKERS=${WORKERS:-0 8 14}
@@ -22,7 +24,7 @@ CONFIG=${CONFIG:-configs/imagenet_50.py}
 DTYPE=${DTYPE:-bfloat16}
 DEADLINE=${DEADLINE:-520}
 LOG_NAME=gpu_imagenet.log
-DATA_DIR=${DATA_DIR:-/tmp/imagenet_like}  # no CIFAR tarball needed
+DATA_DIR=${DATA_DIR:-/tmp/imagenet_like}  # generated below: no gpu_images
 gpu_setup || exit 1
 RES=$OUT/gpu_imagenet.jsonl
 SECONDS=0
@@ -56,7 +58,7 @@ fi
 du -sh "$DATA_DIR"
 
 echo "=== the step on synthetic data (at ${SECONDS}s)"
-timeout 150 $PYTHON -m resnet_jax.benchmark --json --steps=20 --repeats=3 "${COMMON[@]}" | tail -1 | tee -a "$RES" \
+timeout 150 $PYTHON -m resnet_jax.time_step --json --steps=20 --repeats=3 "${COMMON[@]}" | tail -1 | tee -a "$RES" \
   | cut -c1-300 || echo "FAILED or timed out: the step"
 
 for w in $WORKERS; do

@@ -4,7 +4,7 @@
       [--workers=N] [--read_threads=N] [--jpeg_dct_scaling]
 
 `--make_synthetic=N` first writes N ImageNet-like JPEGs (500x375 and 375x500, quality 90, smooth content plus
-noise, ~100 KB each, like the average ImageNet training image) into DATA_DIR/train/<class>/ (10 classes) and one
+noise; docs/performance.md gives their size against ImageNet's) into DATA_DIR/train/<class>/ (10 classes) and one
 per class into DATA_DIR/val; `--synthetic_size=H,W` writes larger ones. The stream is the training pipeline of
 configs/imagenet_50.py as the host runs it (decode, scale augmentation to [256, 480], 224 crop, flip, and each
 view's colour-noise offset; the step adds the offset and subtracts the mean on the device), batches of --batch_size

@@ -1,5 +1,5 @@
 """How fast the training loop runs, one factor at a time: `python -m resnet_jax.main` itself (logging, evaluation,
-checkpoints, the host between steps), not the step alone (`python -m resnet_jax.benchmark` times that).
+checkpoints, the host between steps), not the step alone (`python -m resnet_jax.time_step` times that).
 
   python benchmarks/loop_speed.py --config=configs/cifar_20.py --steps=3000 [--data_dir=DIR] [--out=FILE.jsonl] \
       [--variant NAME:FIELD=VALUE,FIELD=VALUE ...]

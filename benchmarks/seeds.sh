@@ -23,7 +23,7 @@ for config in $CONFIGS; do
   for k in $SEEDS; do
     echo "=== $config num_seeds=$k (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     # shellcheck disable=SC2086
-    timeout "$LIMIT" $PY -m resnet_jax.benchmark --config="$config" --config.num_seeds="$k" --json \
+    timeout "$LIMIT" $PY -m resnet_jax.time_step --config="$config" --config.num_seeds="$k" --json \
       --steps="$STEPS" --repeats="$REPEATS" --warmup="$WARMUP" $ARGS | tail -1 >> "$RES" \
       || echo "FAILED or timed out: $config num_seeds=$k"
   done

@@ -4,8 +4,8 @@
 # commands. Both trainers run at once (one process for our seeds, trained as one program; one PyTorch process per
 # seed): these small nets leave a GPU mostly idle, so the processes share it better than they would take turns.
 #
-# 1. Here, once, with network, in the repository root (.carry/ is gitignored):
-#      bash experiments/gpu_compare.sh --prepare IMAGES
+# 1. Here, once, with network, in the repository root: the wheels the GPU image lacks and the images into .carry/
+#    (gitignored; experiments/gpu_lib.sh):  bash experiments/gpu_compare.sh --prepare IMAGES
 #    IMAGES: a CIFAR-10 image folder (IMAGES/train/<class>/*.jpg) or a tarball of cifar10/train/<class>/ (docs/cifar.md).
 # 2. On the GPU machine, with .carry/ beside the repository:  OUT=DIR bash experiments/gpu_compare.sh
 #    At BUDGET seconds every trainer gets SIGTERM, checkpoints and stops. Then the report is written
@@ -32,7 +32,7 @@ DEVICE=${DEVICE:-cuda}
 OURS_ARGS=${OURS_ARGS:-}
 EXP=compare
 LOG_NAME=gpu_compare.log
-gpu_setup || exit 1
+gpu_setup && gpu_images || exit 1
 
 pids=()
 for net in ${NETS//,/ }; do

@@ -2,8 +2,8 @@
 # Table 6 on one GPU, the paper's full recipe (64k iterations, batch 128): the nets of the table at once, in one
 # command of at most 9 minutes on a bare GPU machine, resumable across commands.
 #
-# 1. Here, once, with network, in the repository root (.carry/ is gitignored):
-#      bash experiments/gpu_table6.sh --prepare IMAGES
+# 1. Here, once, with network, in the repository root: the wheels the GPU image lacks and the images into .carry/
+#    (gitignored; experiments/gpu_lib.sh):  bash experiments/gpu_table6.sh --prepare IMAGES
 #    IMAGES: a CIFAR-10 image folder (IMAGES/train/<class>/*.jpg) or a tarball of cifar10/train/<class>/ (docs/cifar.md).
 # 2. On the GPU machine, with .carry/ beside the repository:  OUT=DIR bash experiments/gpu_table6.sh
 #    PLAN says how the runs share the GPU: one process per word, all at once; a word is NET:SEEDS, or several joined
@@ -34,7 +34,7 @@ STEPS=${STEPS:-0}
 EXP=${EXP:-table6}
 OURS_ARGS=${OURS_ARGS:-}
 LOG_NAME=gpu_table6.log
-gpu_setup || exit 1
+gpu_setup && gpu_images || exit 1
 
 pids=() names=()
 for word in $PLAN; do

@@ -74,12 +74,19 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.damaged_directory = os.path.join(self.workdir, 'checkpoints_damaged')
+    options = dict(preservation_policy=ocp.checkpoint_managers.LatestN(n=keep), create=True,
+                   cleanup_tmp_directories=True)
+    if self.temporary_path_class is not None:  # orbax has deprecated this option; only the tests' hook sets it
+      options['temporary_path_class'] = self.temporary_path_class
+    # The handlers are given per item, not as orbax's newer `handler_registry`: our state item is named 'default',
+    # orbax's name for the item of a single-item checkpoint, and with a registry orbax decides between single- and
+    # multi-item from whether a step has a 'default' directory, so it would take each of our steps for a
+    # single-item one and hide 'data_iter'. A dict of handlers declares several items from the start, and having
+    # them before any restore lets metadata reads work first.
     self.manager = ocp.CheckpointManager(
-        self.directory,  # handlers given, so metadata reads work before any restore
+        self.directory,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            temporary_path_class=self.temporary_path_class))
+        options=ocp.CheckpointManagerOptions(**options))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -138,10 +145,10 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]
 
   def _items(self, step: int) -> list:
-    return list(self.manager.item_metadata(step).keys())
+    return list(self.manager.metadata(step).item_metadata.keys())
 
   def _state_metadata(self, step: int):
-    meta = self.manager.item_metadata(step)[STATE_ITEM]
+    meta = self.manager.metadata(step).item_metadata[STATE_ITEM]
     return getattr(meta, 'tree', meta)
 
   def saved_digest(self, step: int) -> str | None:

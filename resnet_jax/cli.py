@@ -1,4 +1,4 @@
-"""What the commands share (main, evaluate, summary, benchmark, torchvision_weights): `--config`, `--workdir`, and
+"""What the commands share (main, evaluate, summary, time_step, torchvision_weights): `--config`, `--workdir`, and
 one line for a mistake.
 
   --config=configs/X.py [--config.FIELD=VALUE ...]   a config file, with overrides

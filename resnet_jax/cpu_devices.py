@@ -6,8 +6,8 @@ runs a slice of the batch on every core. The numerics do not change with the dev
 over groups of `bn_group_size` examples whatever the devices (batchnorm.py), and a test checks 1 vs 4 devices.
 
 `configure(config)` must run before JAX starts its backends (before the first array or `jax.devices()`); the entry
-points (`train_and_evaluate`, `resnet_jax.evaluate`, the benchmark) call it first. It changes nothing on GPU or TPU
-runs: `jax_num_cpu_devices` only shapes the CPU backend, which those runs do not compute on.
+points (`train_and_evaluate`, `resnet_jax.evaluate`, `resnet_jax.time_step`) call it first. It changes nothing on GPU
+or TPU runs: `jax_num_cpu_devices` only shapes the CPU backend, which those runs do not compute on.
 
 Several CPU devices meet at every gradient all-reduce, and XLA:CPU ends the process (SIGABRT) when one device's
 thread has waited there for 60 s, as can happen on a machine busy with other work. With several devices,

@@ -252,7 +252,7 @@ def test_unknown_matmul_precision_lists_the_choices():
 
 
 def test_the_device_loop_gives_the_same_bits_however_the_steps_are_cut_into_calls():
-  """The loop accelerators run (TrainSteps with device_loop): 2, 4 and 3 steps per call, with calls cut short at
+  """The loop accelerators run (StepCaller with device_loop): 2, 4 and 3 steps per call, with calls cut short at
   every fourth step (calls of 1 step at 3 per call), all reach the same state after 12 steps, bit for bit."""
   mesh = mesh_lib.make_mesh()
   states = {}

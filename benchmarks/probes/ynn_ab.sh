@@ -5,9 +5,9 @@
 # Eigen may use a thread pool per device (`--xla_cpu_multi_thread_eigen=false`: one thread per device).
 # Interleaved rounds, so that the shared machine's load hits every variant alike. Ours only, float32, batch 128,
 # the paper's BN groups of 64. Prints one line per run.
-#   JAX_PY=/path/to/python ROUNDS=3 DEPTHS="20 56" DEVICES="1 0" PIN="taskset -c 0,1" benchmarks/ynn_ab.sh
+#   JAX_PY=/path/to/python ROUNDS=3 DEPTHS="20 56" DEVICES="1 0" PIN="taskset -c 0,1" benchmarks/probes/ynn_ab.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 JAX_PY=${JAX_PY:-python}; ROUNDS=${ROUNDS:-3}; DEPTHS=${DEPTHS:-20 56}; PIN=${PIN:-}
 DEVICES=${DEVICES:-1 0}
 export JAX_PLATFORMS=cpu PYTHONPATH=$PWD
@@ -18,7 +18,7 @@ for round in $(seq "$ROUNDS"); do
   for depth in $DEPTHS; do
     for devices in $DEVICES; do
       for flags in "${variants[@]}"; do
-        line=$(XLA_FLAGS="$flags" $PIN $JAX_PY -m resnet_jax.benchmark --config=configs/cifar_$depth.py --steps=3 \
+        line=$(XLA_FLAGS="$flags" $PIN $JAX_PY -m resnet_jax.time_step --config=configs/cifar_$depth.py --steps=3 \
           --repeats=3 --warmup=1 --json --config.cpu_devices=$devices 2>/dev/null | tail -1)
         echo "round $round depth $depth cpu_devices=$devices XLA_FLAGS='$flags' $(uptime | sed 's/.*load average: /load /') $(echo "$line" | $JAX_PY -c '
 import json, sys

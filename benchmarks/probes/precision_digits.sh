@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Does bfloat16 (or float16 + loss scaling) compute reach float32's accuracy? Trains the embedded digits run
 # (configs/digits.py, 600 steps) once per dtype and seed and prints the final test error of each.
-#   benchmarks/precision_digits.sh [OUTDIR] [SEEDS...]      e.g. benchmarks/precision_digits.sh /tmp/prec 0 1
+#   benchmarks/probes/precision_digits.sh [OUTDIR] [SEEDS...]
+#   e.g. benchmarks/probes/precision_digits.sh /tmp/prec 0 1
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/resnet_jax_precision}; shift || true
 SEEDS=${@:-0 1}
 PY=${PYTHON:-python}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command (ResNet-20 on the embedded digits, 600 steps) over several seeds: wall time and final
 # test error of each, so the README can state a measured range rather than one run.
-#   PYTHON=.venv/bin/python SEEDS="0 1 2" OUT=runs/readme_digits benchmarks/readme_digits.sh [extra --config flags]
+#   PYTHON=.venv/bin/python SEEDS="0 1 2" OUT=runs/readme_digits benchmarks/probes/readme_digits.sh \
+#     [extra --config flags]
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}; SEEDS=${SEEDS:-0 1 2}; OUT=${OUT:-runs/readme_digits}
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_tile' /proc/cpuinfo | sort -u | xargs)"
 for seed in $SEEDS; do

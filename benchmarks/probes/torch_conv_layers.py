@@ -1,7 +1,7 @@
 """PyTorch's time for one 3x3 conv layer of each CIFAR stage (batch 128, channels-last, float32): forward, and the
-input and weight gradients together. The per-layer counterpart of `benchmarks/op_profile.py` for our side.
+input and weight gradients together. The per-layer counterpart of `benchmarks/probes/op_profile.py` for our side.
 
-  taskset -c 0 python benchmarks/torch_conv_layers.py [--threads 1] [--repeats 10]
+  taskset -c 0 python benchmarks/probes/torch_conv_layers.py [--threads 1] [--repeats 10]
 """
 import argparse
 import time

@@ -1,9 +1,9 @@
 """Our time for one 3x3 conv layer of each CIFAR stage (batch 128, NHWC, float32): forward, and forward with the
-input and weight gradients. The counterpart of `benchmarks/torch_conv_layers.py`; run it with and without
+input and weight gradients. The counterpart of `benchmarks/probes/torch_conv_layers.py`; run it with and without
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce` (convs on XLA's Eigen kernels, not YNNPACK) and
 pinned to one core or not, to see which conv library uses how many threads.
 
-  [XLA_FLAGS=...] [taskset -c 0] python benchmarks/jax_conv_layers.py [--repeats 20] [--batch 128] [--im2col]
+  [XLA_FLAGS=...] [taskset -c 0] python benchmarks/probes/jax_conv_layers.py [--repeats 20] [--batch 128] [--im2col]
 
 `--im2col` also times the same layer written as one matrix multiply over the nine shifted copies of the padded
 input ((B*H*W, 9*C) @ (9*C, C)), the form a conv library would pick for few channels.

@@ -1,6 +1,6 @@
 """Time the JPEG decoders a training view could use, one thread, on this machine's CPU:
 
-  python benchmarks/jpeg_decoders.py --data_dir=/tmp/synthetic_imagenet [--files=200] [--repeats=3]
+  python benchmarks/probes/jpeg_decoders.py --data_dir=/tmp/synthetic_imagenet [--files=200] [--repeats=3]
 
 For each decoder: milliseconds per image to decode, and to produce the training view (decode, resize the window
 to the sampled scale, crop 224; benchmarks/input_throughput.py --make_synthetic writes suitable files).

@@ -1,4 +1,5 @@
-"""The benchmark command and mixed precision: bfloat16 / float16 steps keep float32 state, loss scaling works."""
+"""The step-timing command (resnet_jax.time_step) and mixed precision: bfloat16 / float16 steps keep float32 state,
+loss scaling works."""
 import json
 import math
 import os
@@ -10,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import benchmark, errors, mesh as mesh_lib, models, summary, validation
+from resnet_jax import errors, mesh as mesh_lib, models, summary, time_step, validation
 from helpers import tiny_config, training_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_benchmark_command_prints_consistent_json():
+def test_time_step_command_prints_consistent_json():
   env = dict(os.environ, PYTHONPATH=ROOT)
-  p = subprocess.run([sys.executable, '-m', 'resnet_jax.benchmark', '--config=configs/digits.py', '--json',
+  p = subprocess.run([sys.executable, '-m', 'resnet_jax.time_step', '--config=configs/digits.py', '--json',
                       '--steps=2', '--repeats=2', '--warmup=1', '--config.model.depth=8', '--config.batch_size=32',
                       '--config.bn_group_size=8', '--config.data.image_size=8', '--config.data.pad=1',
                       '--num_devices=1'],
@@ -38,15 +39,15 @@ def test_benchmark_command_prints_consistent_json():
   assert math.isfinite(r['final_train_loss']) and r['final_train_loss'] > 0
 
 
-def test_benchmark_rejects_a_training_set_smaller_than_a_batch():
+def test_time_step_rejects_a_training_set_smaller_than_a_batch():
   with pytest.raises(errors.USER_ERRORS, match='at least one batch'):
-    benchmark.run(tiny_config(), steps=1, repeats=1, examples=8, devices=jax.devices()[:1])
+    time_step.run(tiny_config(), steps=1, repeats=1, examples=8, devices=jax.devices()[:1])
 
 
 def test_peak_flops_known_for_h100_unknown_for_cpu():
-  assert benchmark.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
-  assert benchmark.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 494e12
-  assert benchmark.peak_flops('cpu', 'float32') is None
+  assert time_step.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert time_step.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 494e12
+  assert time_step.peak_flops('cpu', 'float32') is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,10 +189,10 @@ def test_scanned_backward_keeps_every_convolution_in_the_fast_layout():
 
 @pytest.mark.slow
 def test_op_profile_attributes_the_step_to_kernel_kinds():
-  """benchmarks/op_profile.py reads jax.profiler's trace through a private jax module: keep it working."""
+  """benchmarks/probes/op_profile.py reads jax.profiler's trace through a private jax module: keep it working."""
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_cpu_multi_thread_eigen=false')
-  p = subprocess.run([sys.executable, 'benchmarks/op_profile.py', '--depth', '8', '--batch', '4', '--top', '40'],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  p = subprocess.run([sys.executable, 'benchmarks/probes/op_profile.py', '--depth', '8', '--batch', '4',
+                      '--top', '40'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr
   lines = p.stdout.strip().splitlines()
   total_ms = float(lines[0].split('kernels ')[1].split(' ms')[0])

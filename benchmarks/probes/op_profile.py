@@ -1,6 +1,6 @@
 """Where the time of one CIFAR forward+backward goes, kernel by kernel, on the CPU (or any backend jax traces).
 
-  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 0 python benchmarks/op_profile.py --depth 20 [--top 25]
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 0 python benchmarks/probes/op_profile.py --depth 20 [--top 25]
 
 Compiles jit(grad(loss)) of the model alone (BN over the whole batch, float32, batch 128), runs it once under
 `jax.profiler.trace`, and sums the duration of every XLA kernel (thunk) in the trace by kind: convolutions by window

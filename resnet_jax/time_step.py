@@ -1,6 +1,6 @@
 """Times the real training step of an experiment config:
 
-  python -m resnet_jax.benchmark --config=configs/cifar_20.py [--steps=N] [--repeats=R] [--json]
+  python -m resnet_jax.time_step --config=configs/cifar_20.py [--steps=N] [--repeats=R] [--json]
                                  [--config.model.dtype=bfloat16 ...]
 
 It builds the step of `xla_workarounds.StepCaller` (the one `resnet_jax.main` runs: config.steps_per_call steps per

@@ -1,6 +1,6 @@
 """Splits the CIFAR step's cost into forward and forward+backward, per depth, to locate where time goes on a CPU.
 
-  python benchmarks/forward_backward.py --depths 20 56 110 [--batch 128] [--repeats 3] [--relu ours|max]
+  python benchmarks/probes/forward_backward.py --depths 20 56 110 [--batch 128] [--repeats 3] [--relu ours|max]
 
 Times jit(forward) and jit(grad(forward)) of the model alone (BN in training mode over the whole batch, no optimiser,
 no augmentation), float32, on the default device. Prints one JSON line per (depth, part).
