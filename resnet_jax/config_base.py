@@ -164,7 +164,12 @@ def schedule_boundaries(config) -> tuple:
   config.lr_drop_fractions of config.num_steps, rounded to a step (at least step 1)."""
   if config.lr_boundaries:
     return tuple(int(b) for b in config.lr_boundaries)
-  return tuple(max(1, round(f * config.num_steps)) for f in config.lr_drop_fractions)
+  return fraction_boundaries(config.lr_drop_fractions, config.num_steps)
+
+
+def fraction_boundaries(fractions, num_steps: int) -> tuple:
+  """The steps of drops at `fractions` of a run of `num_steps`, each at least step 1."""
+  return tuple(max(1, round(f * num_steps)) for f in fractions)
 
 
 def cifar(depth: int, residual: bool = True) -> ml_collections.ConfigDict:

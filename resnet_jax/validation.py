@@ -110,7 +110,7 @@ def _check_schedule(config) -> None:
                       "(the paper's CIFAR drops: '(0.5, 0.75)', i.e. 32k and 48k of 64k).")
   boundaries, n = tuple(config.lr_boundaries), config.num_steps
   if boundaries and (list(boundaries) != sorted(set(boundaries)) or any(b <= 0 or b > n for b in boundaries)):
-    same = tuple(max(1, round(f * n)) for f in fractions)
+    same = config_base.fraction_boundaries(fractions, n)
     raise ConfigError(f'config.lr_boundaries={boundaries} must be strictly increasing steps in 1..config.num_steps='
                       f'{n} (the iterations at which the learning rate is divided). Leave it empty, '
                       f"--config.lr_boundaries='()', and the drops follow num_steps at config.lr_drop_fractions="

@@ -22,6 +22,8 @@ import numpy as np
 from jax import lax
 import flax.linen as nn
 
+from resnet_jax import mesh as mesh_lib
+
 ModuleDef = Any
 
 
@@ -128,7 +130,7 @@ class StepCaller:
       device counts do."""
 
   def __init__(self, step, config, mesh, input_shardings, device_loop: bool | None = None):
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = mesh_lib.replicated(mesh)
     jit = lambda fn, *counts: jax.jit(fn, in_shardings=(replicated, *counts, *input_shardings),
                                       out_shardings=replicated, donate_argnums=(0,))
     self.per_call = config.steps_per_call
